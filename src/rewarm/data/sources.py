@@ -1,0 +1,159 @@
+"""Read documents from files, directories, globs, JSONL, Parquet and HF datasets.
+
+One document = one plain-text file, one JSONL record, one Parquet row or one dataset
+row. Everything streams: nothing holds more than one file / record batch at a time.
+"""
+from __future__ import annotations
+
+import glob
+import json
+import logging
+import os
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Iterator
+
+from rewarm.errors import UserError
+
+log = logging.getLogger(__name__)
+
+SKIP_DIRS = {".git", "__pycache__", ".venv", "node_modules", ".hg", ".svn"}
+
+
+@dataclass
+class ReadStats:
+    """What was read and what was skipped (reported, stored in meta.json)."""
+
+    documents: int = 0
+    bytes: int = 0
+    skipped: dict = field(default_factory=lambda: {"non_utf8": 0, "binary": 0, "empty": 0})
+
+
+def expand_inputs(inputs: list[str]) -> list[Path]:
+    """Files, directories (recursive) and glob patterns -> a sorted, de-duplicated file list."""
+    files: list[Path] = []
+    for spec in inputs:
+        p = Path(spec)
+        if p.is_file():
+            files.append(p)
+        elif p.is_dir():
+            for root, dirs, names in os.walk(p):
+                dirs[:] = sorted(d for d in dirs if d not in SKIP_DIRS)
+                files.extend(Path(root) / n for n in sorted(names) if not n.startswith("."))
+        else:
+            matched = sorted(glob.glob(spec, recursive=True))
+            if not matched:
+                raise UserError(f"input `{spec}` matches no file or directory. Check the path or quote the glob.")
+            files.extend(Path(m) for m in matched if Path(m).is_file())
+    seen, unique = set(), []
+    for f in files:
+        key = f.resolve()
+        if key not in seen:
+            seen.add(key)
+            unique.append(f)
+    return unique
+
+
+def _decode(raw: bytes, where: str, stats: ReadStats, strict: bool) -> str | None:
+    if b"\x00" in raw[:8192]:
+        stats.skipped["binary"] += 1
+        if strict:
+            raise UserError(f"{where} looks binary (NUL bytes). Remove it from the inputs or drop --strict to skip it.")
+        return None
+    try:
+        return raw.decode("utf-8")
+    except UnicodeDecodeError as exc:
+        stats.skipped["non_utf8"] += 1
+        if strict:
+            raise UserError(
+                f"{where} is not valid UTF-8 ({exc.reason} at byte {exc.start}). "
+                f"Re-encode it as UTF-8, or drop --strict to skip such documents with a count."
+            ) from None
+        return None
+
+
+def _emit(text: str | None, stats: ReadStats) -> Iterator[str]:
+    if text is None:
+        return
+    if not text.strip():
+        stats.skipped["empty"] += 1
+        return
+    stats.documents += 1
+    yield text
+
+
+def _jsonl_docs(path: Path, text_field: str, stats: ReadStats, strict: bool) -> Iterator[str]:
+    with open(path, "rb") as fh:
+        for lineno, raw in enumerate(fh, 1):
+            stats.bytes += len(raw)
+            if not raw.strip():
+                continue
+            line = _decode(raw, f"{path}:{lineno}", stats, strict)
+            if line is None:
+                continue
+            try:
+                record = json.loads(line)
+            except json.JSONDecodeError as exc:
+                raise UserError(f"{path}:{lineno} is not valid JSON ({exc.msg}). Fix or remove that line.") from None
+            if not isinstance(record, dict) or text_field not in record:
+                keys = list(record) if isinstance(record, dict) else []
+                raise UserError(
+                    f"{path}:{lineno} has no field `{text_field}` (fields: {keys}). "
+                    f"Choose the text field with --text-field."
+                )
+            yield from _emit(str(record[text_field]), stats)
+
+
+def _parquet_docs(path: Path, text_field: str, stats: ReadStats) -> Iterator[str]:
+    import pyarrow.parquet as pq
+
+    pf = pq.ParquetFile(path)
+    if text_field not in pf.schema_arrow.names:
+        raise UserError(f"{path} has no column `{text_field}` (columns: {pf.schema_arrow.names}). Use --text-field.")
+    for batch in pf.iter_batches(columns=[text_field], batch_size=1024):
+        for value in batch.column(0).to_pylist():
+            if value is None:
+                continue
+            stats.bytes += len(value.encode("utf-8"))
+            yield from _emit(value, stats)
+
+
+def file_documents(files: list[Path], text_field: str, stats: ReadStats, strict: bool = False) -> Iterator[str]:
+    """Documents from a list of files, by extension: .jsonl/.ndjson, .parquet, else plain text."""
+    for path in files:
+        suffix = path.suffix.lower()
+        if suffix in (".jsonl", ".ndjson"):
+            yield from _jsonl_docs(path, text_field, stats, strict)
+        elif suffix == ".parquet":
+            yield from _parquet_docs(path, text_field, stats)
+        else:
+            raw = path.read_bytes()
+            stats.bytes += len(raw)
+            yield from _emit(_decode(raw, str(path), stats, strict), stats)
+
+
+def hf_dataset_documents(spec: str, split: str, text_field: str, stats: ReadStats) -> Iterator[str]:
+    """Rows of an HF dataset `NAME[:CONFIG]`, streamed. A local directory saved with
+    `save_to_disk` is read with `load_from_disk`; anything else goes to `load_dataset`
+    (hub ids for online users, or a local data directory)."""
+    import datasets
+
+    name, _, config = spec.partition(":")
+    local = Path(name)
+    try:
+        if local.is_dir() and any((local / f).exists() for f in ("state.json", "dataset_dict.json")):
+            ds = datasets.load_from_disk(str(local))
+            if isinstance(ds, datasets.DatasetDict):
+                ds = ds[split]
+        else:
+            ds = datasets.load_dataset(name, config or None, split=split, streaming=True)
+    except (FileNotFoundError, ValueError, ConnectionError, KeyError) as exc:
+        raise UserError(f"could not load HF dataset `{spec}` split `{split}`: {str(exc).splitlines()[0]}") from None
+    for row in ds:
+        if text_field not in row:
+            raise UserError(f"HF dataset `{spec}` has no field `{text_field}` (fields: {list(row)}). Use --text-field.")
+        value = row[text_field]
+        if value is None:
+            continue
+        stats.bytes += len(value.encode("utf-8"))
+        yield from _emit(value, stats)

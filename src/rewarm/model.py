@@ -1,0 +1,141 @@
+"""Build, load and save causal LMs (HF transformers, safetensors).
+
+Presets copy EleutherAI's Pythia GPT-NeoX settings (rotary on 25% of each head, parallel
+residual, untied embeddings, vocab 50304); `tiny` is the same architecture sized for CPU demos.
+"""
+from __future__ import annotations
+
+import logging
+import os
+import shutil
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from rewarm.errors import UserError, did_you_mean
+
+log = logging.getLogger(__name__)
+
+_PYTHIA_COMMON = dict(
+    model_type="gpt_neox",
+    vocab_size=50304,
+    max_position_embeddings=2048,
+    hidden_act="gelu",
+    rope_parameters={"rope_type": "default", "rope_theta": 10000.0, "partial_rotary_factor": 0.25},
+    use_parallel_residual=True,
+    tie_word_embeddings=False,
+    layer_norm_eps=1e-5,
+    initializer_range=0.02,
+    attention_dropout=0.0,
+    hidden_dropout=0.0,
+    bos_token_id=0,
+    eos_token_id=0,
+)
+
+PRESETS: dict[str, dict[str, Any]] = {
+    "tiny": dict(_PYTHIA_COMMON, hidden_size=128, num_hidden_layers=4, num_attention_heads=4,
+                 intermediate_size=512, max_position_embeddings=1024, vocab_size=None),
+    "pythia-14m": dict(_PYTHIA_COMMON, hidden_size=128, num_hidden_layers=6, num_attention_heads=4, intermediate_size=512),
+    "pythia-70m": dict(_PYTHIA_COMMON, hidden_size=512, num_hidden_layers=6, num_attention_heads=8, intermediate_size=2048),
+    "pythia-160m": dict(_PYTHIA_COMMON, hidden_size=768, num_hidden_layers=12, num_attention_heads=12, intermediate_size=3072),
+    "pythia-410m": dict(_PYTHIA_COMMON, hidden_size=1024, num_hidden_layers=24, num_attention_heads=16, intermediate_size=4096),
+}
+
+
+def round_vocab(n: int, multiple: int = 64) -> int:
+    return ((n + multiple - 1) // multiple) * multiple
+
+
+def build_config(preset: str | None, path: str | None, overrides: dict, tokenizer_len: int, vocab_size: int | None, eos_id: int):
+    """An HF config from a preset name or a config found at `path`, with overrides applied."""
+    from transformers import AutoConfig
+
+    if preset:
+        if preset not in PRESETS:
+            raise UserError(f"unknown model preset `{preset}`{did_you_mean(preset, PRESETS)}. Choose one of: {', '.join(PRESETS)}.")
+        fields = dict(PRESETS[preset])
+        model_type = fields.pop("model_type")
+        if fields.get("vocab_size") is None:
+            fields["vocab_size"] = round_vocab(tokenizer_len)
+        fields["bos_token_id"] = fields["eos_token_id"] = eos_id
+        config = AutoConfig.for_model(model_type, **fields)
+    else:
+        config = _load_config(path)
+    for key, value in overrides.items():
+        if not hasattr(config, key):
+            raise UserError(f"`model.overrides.{key}` is not a field of {type(config).__name__}.")
+        setattr(config, key, value)
+    if vocab_size is not None:
+        config.vocab_size = vocab_size
+    check_vocab(config.vocab_size, tokenizer_len)
+    return config
+
+
+def check_vocab(model_vocab: int, tokenizer_len: int) -> None:
+    if model_vocab < tokenizer_len:
+        raise UserError(
+            f"the model's vocab ({model_vocab}) is smaller than the tokenizer's ({tokenizer_len}): some token ids "
+            f"would have no embedding. Set model.vocab_size >= {tokenizer_len} or use the model's own tokenizer."
+        )
+
+
+def _load_config(path: str | None, revision: str | None = None, trust_remote_code: bool = False):
+    from transformers import AutoConfig
+
+    try:
+        return AutoConfig.from_pretrained(path, revision=revision, trust_remote_code=trust_remote_code)
+    except (OSError, ValueError) as exc:
+        raise UserError(f"could not load a model config from `{path}`: {str(exc).splitlines()[0]}. "
+                        f"Pass an HF model directory, a rewarm checkpoint directory, or a hub id (with internet).") from None
+
+
+def init_scratch(config, seed: int) -> torch.nn.Module:
+    """Random weights, seeded so the same config + seed gives the same model."""
+    from transformers import AutoModelForCausalLM
+
+    torch.manual_seed(seed)
+    return AutoModelForCausalLM.from_config(config, dtype=torch.float32)
+
+
+def load_pretrained(path: str, revision: str | None = None, overrides: dict | None = None, trust_remote_code: bool = False) -> torch.nn.Module:
+    """Weights from a local HF directory, a rewarm checkpoint, or a hub id + revision (safetensors only)."""
+    from transformers import AutoModelForCausalLM
+
+    local = Path(path)
+    if local.exists() and not (local / "config.json").is_file():
+        raise UserError(f"{local} has no config.json: not an HF model directory. Point model.path at a run's final/ or checkpoints/step_N.")
+    try:
+        model = AutoModelForCausalLM.from_pretrained(
+            path, revision=revision, dtype=torch.float32, use_safetensors=True,
+            trust_remote_code=trust_remote_code, **(overrides or {}),
+        )
+    except (OSError, ValueError) as exc:
+        raise UserError(
+            f"could not load model weights from `{path}`"
+            f"{' revision ' + revision if revision else ''}: {str(exc).splitlines()[0]}. "
+            f"rewarm loads safetensors weights only; re-save the model with safe_serialization."
+        ) from None
+    return model
+
+
+def save_model(model: torch.nn.Module, out_dir: str | Path, tokenizer=None) -> Path:
+    """Save as an HF directory (safetensors) under a temp name, then rename into place."""
+    out = Path(out_dir)
+    tmp = out.with_name(f".{out.name}.tmp-{os.getpid()}")
+    shutil.rmtree(tmp, ignore_errors=True)
+    model.save_pretrained(tmp, safe_serialization=True)
+    if tokenizer is not None:
+        tokenizer.save_pretrained(tmp)
+    if out.exists():
+        shutil.rmtree(out)
+    os.replace(tmp, out)
+    return out
+
+
+def count_params(model: torch.nn.Module, exclude_embeddings: bool = False) -> int:
+    n = sum(p.numel() for p in model.parameters())
+    if exclude_embeddings:
+        emb = model.get_input_embeddings()
+        n -= emb.weight.numel()
+    return n

@@ -1,0 +1,234 @@
+"""Everything before the first step: start modes, data checks, model, optimizer, run dir.
+
+The three start modes (DESIGN.md) differ only here:
+- scratch: random weights from a preset/config;
+- weights: load weights only; optimizer, schedule step and data position start at 0;
+- resume:  weights, optimizer, step, RNG from this run's newest intact checkpoint.
+"""
+from __future__ import annotations
+
+import logging
+import shutil
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Callable
+
+import torch
+import yaml
+
+from rewarm import checkpoint
+from rewarm.config import RunConfig, config_from_dict, dump_yaml, to_dict
+from rewarm.data.mixture import Mixture, Source
+from rewarm.data.shards import TokenShards
+from rewarm.errors import UserError
+from rewarm.evaluate import EvalSet
+from rewarm.model import build_config, check_vocab, count_params, init_scratch, load_pretrained, save_model
+from rewarm.rundir import MetricsWriter, RunDir
+from rewarm.schedules import build_schedule
+from rewarm.tokenizer import fingerprint, load_tokenizer
+
+log = logging.getLogger(__name__)
+
+# Keys that may change between a run and its resumption without changing its numbers.
+RESUME_SAFE_KEYS = {"init", "train.log_interval", "train.device", "train.num_threads", "checkpoint.interval", "checkpoint.keep_last"}
+
+
+@dataclass
+class RunState:
+    cfg: RunConfig
+    model: torch.nn.Module
+    optimizer: torch.optim.Optimizer
+    tokenizer: Any
+    mixture: Mixture
+    eval_sets: list[EvalSet]
+    schedule: Callable[[int], float]
+    device: torch.device
+    start_info: dict
+    step: int = 0
+    bad_steps: int = 0
+    rank: int = 0
+    world: int = 1
+    last_logged_step: int = 0
+    started: float = field(default_factory=time.time)
+    evals: list = field(default_factory=list)
+
+    def start_event(self) -> dict:
+        return {"event": "start", "step": self.step, **self.start_info}
+
+    def record_eval(self, step: int, results: dict) -> None:
+        self.evals.append((step, results))
+
+    def finish(self, run: RunDir, metrics: MetricsWriter) -> None:
+        """Write final/ (HF model + tokenizer) and then summary.json, both atomically."""
+        save_model(self.model, run.final, self.tokenizer)
+        evals = [(e["step"], e["sets"]) for e in run.read_metrics() if e.get("event") == "eval"]
+        summary: dict[str, Any] = {
+            "status": "completed",
+            "steps": self.cfg.train.max_steps,
+            "tokens": self.cfg.train.max_steps * self.cfg.train.global_batch * self.cfg.train.seq_len,
+            "init": self.cfg.init,
+            "final": {}, "initial": {}, "best": {},
+            "bad_steps": self.bad_steps,
+            "final_dir": str(run.final),
+        }
+        for name in (evals[-1][1] if evals else {}):
+            series = [(s, r[name]["loss"]) for s, r in evals if name in r]
+            summary["initial"][name] = series[0][1]
+            summary["final"][name] = series[-1][1]
+            best = min(series, key=lambda x: x[1])
+            summary["best"][name] = {"loss": best[1], "step": best[0]}
+        checkpoint.write_json_atomic(run.summary, summary)
+        metrics.write({"event": "end", "step": self.cfg.train.max_steps, "summary": summary})
+
+
+def _resolve_device(name: str) -> torch.device:
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    if name == "cuda" and not torch.cuda.is_available():
+        raise UserError("`train.device: cuda` but no CUDA device is visible. Use `auto` or `cpu`.")
+    return torch.device(name)
+
+
+def _check_drift(saved: dict, current: dict, allow: bool) -> None:
+    def flat(d: dict, prefix: str = "") -> dict:
+        out = {}
+        for k, v in d.items():
+            key = f"{prefix}{k}"
+            out.update(flat(v, key + ".") if isinstance(v, dict) and k != "overrides" else {key: v})
+        return out
+
+    a, b = flat(saved), flat(current)
+    diff = [f"  {k}: {a.get(k)!r} -> {b.get(k)!r}" for k in sorted(set(a) | set(b))
+            if a.get(k) != b.get(k) and k not in RESUME_SAFE_KEYS]
+    if diff and not allow:
+        raise UserError("resuming with a config that changes the run:\n" + "\n".join(diff) +
+                        "\nResume with the run's own config.yaml, or pass --allow-config-change if this is intended.")
+    if diff:
+        log.warning("resuming with a changed config (allowed):\n%s", "\n".join(diff))
+
+
+def _param_groups(model: torch.nn.Module, weight_decay: float) -> list[dict]:
+    """Decay matrices (and embeddings); never biases or norm weights (1-D tensors)."""
+    decay = [p for p in model.parameters() if p.requires_grad and p.dim() >= 2]
+    no_decay = [p for p in model.parameters() if p.requires_grad and p.dim() < 2]
+    return [{"params": decay, "weight_decay": weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
+
+
+def prepare_run(cfg: RunConfig, run: RunDir, *, overwrite: bool = False, allow_config_change: bool = False) -> RunState:
+    torch.manual_seed(cfg.seed)
+    if cfg.train.num_threads:
+        torch.set_num_threads(cfg.train.num_threads)
+    device = _resolve_device(cfg.train.device)
+    if cfg.train.precision == "fp16" and device.type != "cuda":
+        raise UserError("`train.precision: fp16` needs a CUDA device (it uses a grad scaler); use bf16 or fp32 on CPU.")
+    if cfg.checkpoint.keep_last < 1:
+        raise UserError("`checkpoint.keep_last` must be >= 1 (the newest checkpoint is what a resume uses).")
+
+    resume_from: Path | None = None
+    resume_state: dict = {}
+    if cfg.init == "resume":
+        found = checkpoint.load_latest(run.checkpoints)
+        if found is None:
+            raise UserError(
+                f"`init: resume` but {run.checkpoints} holds no intact checkpoint. "
+                f"Start the run with `init: scratch` or `init: weights` instead."
+            )
+        resume_from, resume_state = found
+        if run.config.exists():
+            _check_drift(yaml.safe_load(run.config.read_text()), to_dict(cfg), allow_config_change)
+    elif run.has_started():
+        if not overwrite:
+            raise UserError(
+                f"run directory {run.path} already holds a run. Resume it with `--resume` (init: resume), "
+                f"pick another `out_dir`, or pass --overwrite to start again from nothing."
+            )
+        for p in (run.metrics, run.summary):
+            p.unlink(missing_ok=True)
+        for p in (run.checkpoints, run.final):
+            shutil.rmtree(p, ignore_errors=True)
+
+    # ---- data first: cheap checks before any model is built
+    sources = [Source(s.name, TokenShards(s.path), s.weight) for s in cfg.data.train]
+    eval_shards = [(e.name, TokenShards(e.path)) for e in cfg.data.eval]
+
+    # ---- tokenizer: explicit > model dir > the one the data was prepared with
+    model_dir = str(resume_from) if resume_from else (cfg.model.path if cfg.init == "weights" else None)
+    tok_src = cfg.tokenizer or model_dir or sources[0].shards.tokenizer_path
+    tokenizer = load_tokenizer(tok_src, revision=cfg.model.revision if tok_src == cfg.model.path else None)
+    tok_fp = fingerprint(tokenizer)
+
+    # ---- model
+    if cfg.init == "scratch":
+        hf_config = build_config(cfg.model.preset, cfg.model.path, cfg.model.overrides, len(tokenizer),
+                                 cfg.model.vocab_size, tokenizer.eos_token_id)
+        model = init_scratch(hf_config, cfg.seed)
+        origin = f"preset {cfg.model.preset}" if cfg.model.preset else f"config of {cfg.model.path}"
+    else:
+        path = str(resume_from) if resume_from else cfg.model.path
+        revision = None if resume_from else cfg.model.revision
+        model = load_pretrained(path, revision, cfg.model.overrides, cfg.model.trust_remote_code)
+        check_vocab(model.config.vocab_size, len(tokenizer))
+        origin = path + (f"@{revision}" if revision else "")
+    model.to(device)
+    vocab = model.config.vocab_size
+    max_pos = getattr(model.config, "max_position_embeddings", None)
+    if max_pos is not None and cfg.train.seq_len > max_pos:
+        raise UserError(f"`train.seq_len` ({cfg.train.seq_len}) exceeds the model's max positions ({max_pos}). Lower seq_len.")
+    for s in sources:
+        s.shards.check_compatible(tok_fp, vocab, s.name)
+    for name, shards in eval_shards:
+        shards.check_compatible(tok_fp, vocab, name)
+
+    mixture = Mixture(sources, cfg.train.seq_len, cfg.train.global_batch, cfg.seed)
+    eval_sets = [EvalSet.from_shards(name, sh, cfg.train.seq_len, cfg.eval.tokens) for name, sh in eval_shards]
+    opt = torch.optim.AdamW(
+        _param_groups(model, cfg.optimizer.weight_decay), lr=cfg.schedule.max_lr,
+        betas=tuple(cfg.optimizer.betas), eps=cfg.optimizer.eps, foreach=True,
+    )
+
+    step, bad_steps = 0, 0
+    optimizer_from = "fresh"
+    if resume_from:
+        opt.load_state_dict(resume_state["optimizer"])
+        torch.set_rng_state(resume_state["torch_rng"])
+        step, bad_steps = int(resume_state["step"]), int(resume_state.get("bad_steps", 0))
+        run.truncate_metrics_after(step)
+        optimizer_from = str(resume_from)
+        log.info("resuming %s from step %d (%s)", run.path, step, resume_from)
+    elif cfg.init == "weights" and cfg.optimizer.state == "from_checkpoint":
+        state_file = Path(cfg.model.path) / checkpoint.TRAINER_STATE
+        if not state_file.is_file():
+            raise UserError(f"`optimizer.state: from_checkpoint` but {state_file} does not exist: only rewarm "
+                            f"checkpoints (checkpoints/step_N) carry optimizer state. Use `optimizer.state: fresh`.")
+        opt.load_state_dict(checkpoint.load_trainer_state(Path(cfg.model.path))["optimizer"])
+        optimizer_from = cfg.model.path
+    if cfg.init == "weights":
+        log.warning(
+            "continual pre-training from %s: weights only; optimizer %s, LR schedule from step 0, data from position 0",
+            origin, "moments from the checkpoint" if optimizer_from != "fresh" else "fresh",
+        )
+
+    if not resume_from:
+        run.path.mkdir(parents=True, exist_ok=True)
+        checkpoint_text = dump_yaml(cfg)
+        tmp = run.config.with_name(".config.yaml.tmp")
+        tmp.write_text(checkpoint_text)
+        tmp.replace(run.config)
+        config_from_dict(yaml.safe_load(checkpoint_text))  # the saved file must load back as it is
+
+    n_params = count_params(model)
+    start_info = {
+        "init": cfg.init, "model_from": origin, "optimizer_from": optimizer_from,
+        "params": n_params, "params_non_embedding": count_params(model, exclude_embeddings=True),
+        "vocab_size": vocab, "tokenizer_fingerprint": tok_fp, "device": str(device),
+        "tokens_per_step": cfg.train.global_batch * cfg.train.seq_len,
+        "total_tokens": cfg.train.max_steps * cfg.train.global_batch * cfg.train.seq_len,
+        "source_shares": {s.name: float(w) for s, w in zip(sources, mixture.shares)},
+        "eval_tokens": {e.name: e.tokens for e in eval_sets},
+    }
+    log.info("%s: %s params, %d steps x %d tokens, lr %s from step %d", run.path, f"{n_params:,}",
+             cfg.train.max_steps, start_info["tokens_per_step"], cfg.schedule.name, step)
+    return RunState(cfg=cfg, model=model, optimizer=opt, tokenizer=tokenizer, mixture=mixture,
+                    eval_sets=eval_sets, schedule=build_schedule(cfg.schedule, cfg.train.max_steps),
+                    device=device, start_info=start_info, step=step, bad_steps=bad_steps, last_logged_step=step)

@@ -1,0 +1,163 @@
+"""The training loop: one screen, top to bottom, like nanoGPT's train.py.
+
+Everything it calls is its own component: `setup` (start modes, data, model),
+`schedules` (lr as a function of the step), `data.mixture` (which windows), `evaluate`
+(held-out loss) and `checkpoint` (atomic save / verified load).
+"""
+from __future__ import annotations
+
+import logging
+import math
+import signal
+import time
+
+import torch
+from tqdm import tqdm
+
+from rewarm import checkpoint
+from rewarm.config import RunConfig
+from rewarm.evaluate import autocast, evaluate, lm_loss
+from rewarm.rundir import MetricsWriter, RunDir
+from rewarm.schedules import warmup_steps
+from rewarm.setup import RunState, prepare_run
+
+log = logging.getLogger(__name__)
+
+PREEMPTED_EXIT = 143  # 128 + SIGTERM: "stopped on request; resume with init: resume"
+
+
+class Preempted(Exception):
+    """SIGTERM/SIGINT arrived: a checkpoint was written; resume continues from it."""
+
+    exit_code = PREEMPTED_EXIT
+
+
+def train(cfg: RunConfig, *, overwrite: bool = False, allow_config_change: bool = False, progress: bool = True) -> RunDir:
+    """Run (or resume) the job described by `cfg`; returns its run directory."""
+    run = RunDir(cfg.out_dir)
+    run.acquire_lock()
+    try:
+        with _StopOnSignal() as stop:
+            state = prepare_run(cfg, run, overwrite=overwrite, allow_config_change=allow_config_change)
+            _loop(cfg, run, state, stop, progress)
+    finally:
+        run.release_lock()
+    return run
+
+
+def _loop(cfg: RunConfig, run: RunDir, st: RunState, stop: "_StopOnSignal", progress: bool) -> None:
+    t, model, opt = cfg.train, st.model, st.optimizer
+    accum = t.global_batch // t.micro_batch
+    tokens_per_step = t.global_batch * t.seq_len
+    warmup_end = warmup_steps(cfg.schedule.warmup, t.max_steps)
+    metrics = MetricsWriter(run.metrics)
+    params = [p for p in model.parameters() if p.requires_grad]
+    step = st.step
+
+    def due(every: int) -> bool:
+        return every > 0 and step % every == 0
+
+    def run_eval() -> None:
+        results = evaluate(model, st.eval_sets, cfg.eval.batch, st.device, t.precision)
+        metrics.write({"event": "eval", "step": step, "tokens": step * tokens_per_step, "sets": results})
+        st.record_eval(step, results)
+        line = "  ".join(f"{name} {r['loss']:.4f} (ppl {r['ppl']:.1f})" for name, r in results.items())
+        tqdm.write(f"eval @ step {step:>6} | {line}")
+
+    def save_checkpoint() -> None:
+        trainer_state = {
+            "step": step,
+            "tokens": step * tokens_per_step,
+            "optimizer": opt.state_dict(),
+            "torch_rng": torch.get_rng_state(),
+            "bad_steps": st.bad_steps,
+        }
+        checkpoint.save(run.checkpoints, step, model, st.tokenizer, trainer_state)
+        checkpoint.prune(run.checkpoints, cfg.checkpoint.keep_last, set(cfg.checkpoint.keep_steps))
+
+    metrics.write(st.start_event())
+    if step == 0 and st.eval_sets:
+        run_eval()  # the baseline that forgetting and adaptation are measured from
+    bar = tqdm(total=t.max_steps, initial=step, desc="train", unit="step", disable=not progress, dynamic_ncols=True)
+    model.train()
+    clock = time.perf_counter()
+    while step < t.max_steps:
+        lr = st.schedule(step)
+        for group in opt.param_groups:
+            group["lr"] = lr
+        windows, sources = st.mixture.batch(step, st.rank, st.world)
+        batch = torch.from_numpy(windows)
+        loss_sum = 0.0
+        for micro in batch.split(t.micro_batch):
+            with autocast(st.device, t.precision):
+                loss = lm_loss(model, micro.to(st.device, non_blocking=True)) / accum
+            loss.backward()
+            loss_sum += loss.item()
+        clip = cfg.optimizer.grad_clip if cfg.optimizer.grad_clip > 0 else math.inf
+        grad_norm = float(torch.nn.utils.clip_grad_norm_(params, clip))
+        if math.isfinite(loss_sum) and math.isfinite(grad_norm):
+            opt.step()
+        else:
+            st.bad_steps += 1
+            log.warning("step %d: non-finite loss/grad norm (%s / %s); update skipped", step + 1, loss_sum, grad_norm)
+        opt.zero_grad(set_to_none=True)
+        step += 1
+
+        if due(t.log_interval) or step == t.max_steps:
+            now = time.perf_counter()
+            tok_s = tokens_per_step * (step - st.last_logged_step) / max(now - clock, 1e-9)
+            clock, st.last_logged_step = now, step
+            metrics.write({
+                "event": "train", "step": step, "tokens": step * tokens_per_step, "lr": lr,
+                "loss": loss_sum, "grad_norm": grad_norm, "tokens_per_s": round(tok_s, 1),
+                "source_tokens": st.mixture.tokens_per_source(step * t.global_batch),
+            })
+            bar.set_postfix(loss=f"{loss_sum:.3f}", lr=f"{lr:.2e}", tok_s=f"{tok_s:,.0f}")
+        bar.update(1)
+        eval_every = cfg.eval.interval_warmup if (cfg.eval.interval_warmup and step <= warmup_end) else cfg.eval.interval
+        if st.eval_sets and (due(eval_every) or step == t.max_steps):
+            run_eval()
+        if due(cfg.checkpoint.interval) or step in cfg.checkpoint.keep_steps or step == t.max_steps:
+            save_checkpoint()
+        if step % t.log_interval == 0:
+            clock = time.perf_counter()  # throughput counts training steps only, not eval or saving
+        if stop.requested and step < t.max_steps:
+            if not (due(cfg.checkpoint.interval) or step in cfg.checkpoint.keep_steps):
+                save_checkpoint()
+            bar.close()
+            metrics.write({"event": "preempted", "step": step, "signal": stop.requested})
+            metrics.close()
+            raise Preempted(
+                f"stopped by {stop.requested} after step {step}; checkpoint saved. "
+                f"Resume with: rewarm train {run.config} --resume"
+            )
+    bar.close()
+    st.finish(run, metrics)
+    metrics.close()
+
+
+class _StopOnSignal:
+    """SIGTERM / SIGINT ask the loop to stop after the current step; a second SIGINT exits at once."""
+
+    def __init__(self):
+        self.requested: str | None = None
+        self._old: dict = {}
+
+    def _handle(self, signum, frame):
+        name = signal.Signals(signum).name
+        if self.requested and signum == signal.SIGINT:
+            raise KeyboardInterrupt
+        self.requested = name
+        log.warning("%s received: finishing this step, writing a checkpoint, then exiting (Ctrl-C again to abort)", name)
+
+    def __enter__(self) -> "_StopOnSignal":
+        import threading
+
+        if threading.current_thread() is threading.main_thread():
+            for sig in (signal.SIGTERM, signal.SIGINT):
+                self._old[sig] = signal.signal(sig, self._handle)
+        return self
+
+    def __exit__(self, *exc) -> None:
+        for sig, handler in self._old.items():
+            signal.signal(sig, handler)
