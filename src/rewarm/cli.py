@@ -103,9 +103,12 @@ def _cmd_eval(args: argparse.Namespace) -> int:
 
 def _cmd_schedule_plot(args: argparse.Namespace) -> int:
     from rewarm.plots import plot_schedules
-    from rewarm.schedules import parse_spec
+    from rewarm.schedules import PAPERS_SET, parse_spec
 
-    specs = [(text, parse_spec(text)) for text in args.specs]
+    texts = list(args.specs) + (PAPERS_SET if args.papers else [])
+    if not texts:
+        raise UserError("give at least one schedule spec (e.g. cosine:max_lr=3e-4) or --papers.")
+    specs = [(text, parse_spec(text)) for text in texts]
     out = plot_schedules(specs, args.steps, args.output)
     print(f"wrote {out}")
     return 0
@@ -171,7 +174,8 @@ def build_parser() -> argparse.ArgumentParser:
 
     sc = sub.add_parser("schedule", help="learning-rate schedules").add_subparsers(dest="sched_command", required=True)
     sp = sc.add_parser("plot", help="plot schedules: NAME[:key=value,...] ...")
-    sp.add_argument("specs", nargs="+", help="e.g. cosine:max_lr=3e-4,warmup=0.01 constant:max_lr=3e-5")
+    sp.add_argument("specs", nargs="*", help="e.g. cosine:max_lr=3e-4,warmup=0.01 constant:max_lr=3e-5")
+    sp.add_argument("--papers", action="store_true", help="add the schedules Gupta et al. 2023 / Ibrahim et al. 2024 compare")
     sp.add_argument("-o", "--output", default="lr.png")
     sp.add_argument("--steps", type=int, default=1000)
     sp.set_defaults(func=_cmd_schedule_plot)

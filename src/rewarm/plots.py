@@ -39,7 +39,7 @@ def plot_schedules(specs: list[tuple[str, Any]], steps: int, out: str | Path) ->
     ax.set_ylabel("learning rate")
     ax.set_title(f"learning-rate schedules over {steps} steps")
     ax.grid(alpha=0.3)
-    ax.legend(fontsize=8, loc="upper right")
+    ax.legend(fontsize=7, loc="upper left", bbox_to_anchor=(1.01, 1.0), frameon=False)
     path = save_figure(fig, out)
     plt.close(fig)
     return path

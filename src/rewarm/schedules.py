@@ -157,10 +157,24 @@ def build_schedule(spec: Any, total_steps: int) -> Schedule:
 def parse_spec(text: str) -> Any:
     """`cosine:max_lr=3e-4,warmup=0.01` -> ScheduleConfig, for `rewarm schedule plot`."""
     from rewarm.config import ScheduleConfig, _build, parse_override
+    from rewarm.errors import UserError, did_you_mean
 
     name, _, rest = text.partition(":")
+    if name not in SCHEDULES:
+        raise UserError(f"unknown schedule `{name}`{did_you_mean(name, SCHEDULES)}. Choose one of: {', '.join(SCHEDULES)}.")
     raw: dict = {"name": name}
     for item in filter(None, rest.split(",")):
         path, value = parse_override(item)
         raw[".".join(path)] = value
     return _build(ScheduleConfig, raw, "schedule")
+
+
+# The schedules the two papers compare, as `rewarm schedule plot --papers` draws them.
+PAPERS_SET = [
+    *(f"cosine:max_lr={lr},min_lr={float(lr) / 10:.3g},warmup=0.01" for lr in ("1.5e-4", "3e-4", "6e-4")),
+    *(f"cosine:max_lr=3e-4,min_lr=3e-5,warmup={w}" for w in ("0", "0.005", "0.02")),
+    "constant:max_lr=3e-5,warmup=0",
+    "cosine_neox_clipped:max_lr=3e-4,min_lr=3e-5,warmup=0.01",
+    "wsd:max_lr=3e-4,min_lr=3e-5,warmup=0.01,decay_fraction=0.2,decay_shape=1-sqrt",
+    "infinite:max_lr=3e-4,min_lr=3e-5,const_lr=1.65e-4,warmup=0.01,cooldown_fraction=0.6,constant_fraction=0.85",
+]
