@@ -114,6 +114,20 @@ def _cmd_schedule_plot(args: argparse.Namespace) -> int:
     return 0
 
 
+def _cmd_sweep(args: argparse.Namespace) -> int:
+    from rewarm.sweep import main_sweep
+
+    return main_sweep(args.sweep, args.dry_run, args.print_commands, args.slurm_array, args.nproc, not args.quiet)
+
+
+def _cmd_report(args: argparse.Namespace) -> int:
+    from rewarm.report import report
+
+    path = report(args.runs, args.output, fmt=args.format, title=args.title)
+    print(f"wrote {path}")
+    return 0
+
+
 def _cmd_config_reference(args: argparse.Namespace) -> int:
     from rewarm.config import config_reference
 
@@ -179,6 +193,22 @@ def build_parser() -> argparse.ArgumentParser:
     sp.add_argument("-o", "--output", default="lr.png")
     sp.add_argument("--steps", type=int, default=1000)
     sp.set_defaults(func=_cmd_schedule_plot)
+
+    sw = sub.add_parser("sweep", help="expand a sweep file into runs and run them one after another")
+    sw.add_argument("sweep", help="sweep YAML: base config + axes + optional extra runs")
+    sw.add_argument("--dry-run", action="store_true", help="list the runs and their state, run nothing")
+    sw.add_argument("--print-commands", action="store_true", help="print one launch line per run (plain and torchrun)")
+    sw.add_argument("--slurm-array", metavar="FILE", help="write a SLURM array script running the grid in parallel")
+    sw.add_argument("--nproc", type=int, default=1, help="processes per run in printed torchrun lines")
+    sw.add_argument("-q", "--quiet", action="store_true")
+    sw.set_defaults(func=_cmd_sweep)
+
+    rp = sub.add_parser("report", help="tables and plots of forgetting and adaptation across runs")
+    rp.add_argument("runs", nargs="+", help="run directories, or a sweep / runs directory")
+    rp.add_argument("-o", "--output", required=True, help="output directory")
+    rp.add_argument("--format", choices=("md", "html"), default="md")
+    rp.add_argument("--title", default="rewarm report")
+    rp.set_defaults(func=_cmd_report)
 
     cr = sub.add_parser("config", help="config tools").add_subparsers(dest="cfg_command", required=True)
     cr.add_parser("reference", help="print every config key, default and meaning").set_defaults(func=_cmd_config_reference)

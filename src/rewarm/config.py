@@ -102,7 +102,8 @@ class TrainConfig:
 @dataclass
 class EvalConfig:
     interval: int = _f(50, "evaluate every N steps (and at step 0 and the end)")
-    interval_warmup: int = _f(0, "denser eval interval during warmup (0 = same as interval)")
+    interval_warmup: int = _f(0, "denser eval interval early in the run (0 = same as interval)")
+    dense_until: float = _f(0.0, "use interval_warmup up to this step (fraction of steps if < 1); 0 = end of warmup")
     tokens: int = _f(16384, "held-out tokens scored per eval set (the first N tokens of its val.bin)")
     batch: int = _f(8, "sequences per eval forward")
 
@@ -231,18 +232,25 @@ def parse_override(text: str) -> tuple[list[str], Any]:
     return key.strip().split("."), value
 
 
+def set_dotted(raw: dict, key: str, value: Any) -> dict:
+    """raw['a']['b'] = value for key 'a.b', creating mappings on the way."""
+    node = raw
+    path = key.split(".")
+    for part in path[:-1]:
+        child = node.get(part)
+        if child is None:
+            child = node[part] = {}
+        if not isinstance(child, dict):
+            raise UserError(f"cannot set `{key}`: `{part}` is not a mapping.")
+        node = child
+    node[path[-1]] = value
+    return raw
+
+
 def apply_overrides(raw: dict, overrides: list[str]) -> dict:
     for text in overrides:
         path, value = parse_override(text)
-        node = raw
-        for part in path[:-1]:
-            child = node.get(part)
-            if child is None:
-                child = node[part] = {}
-            if not isinstance(child, dict):
-                raise UserError(f"override `{text}`: `{part}` is not a mapping.")
-            node = child
-        node[path[-1]] = value
+        set_dotted(raw, ".".join(path), value)
     return raw
 
 

@@ -1,9 +1,15 @@
-"""`rewarm demo`: a real continual pre-training job on the embedded default, end to end.
+"""`rewarm demo`: the papers' experiments, reproduced small on a laptop CPU, on real text.
 
-Upstream = English literature (Shakespeare + King James Bible), downstream = Python
-standard-library code. Trains a byte-level BPE, prepares both corpora, pre-trains a
-`tiny` GPT-NeoX on upstream, then continues it on downstream with a re-warmed cosine
-schedule while evaluating both, and prints what it adapted and what it forgot.
+Upstream = English literature (Shakespeare, modern spelling + King James Bible); downstream =
+Python standard-library code. Steps:
+1. train a byte-level BPE on a sample of both and prepare both corpora;
+2. pre-train a `tiny` GPT-NeoX on upstream (warmup + cosine), keeping checkpoints at ~7%,
+   ~19% and 100% of training (Pythia's step 10k / 27k / 143k of 143k);
+3. continue on downstream from the final checkpoint: warmup {0, 0.5, 1, 2}% at the middle max
+   LR; max LR {low, mid, high} (0.5 : 1 : 2) at 1% warmup; constant LR at the pre-training
+   min LR; 5% replay of upstream; the 7% and 19% checkpoints; and from scratch — min LR =
+   0.1 x max LR throughout;
+4. write the report and print the findings table computed from these runs' numbers.
 """
 from __future__ import annotations
 
@@ -15,32 +21,51 @@ import time
 from pathlib import Path
 
 from rewarm import corpora
-from rewarm.config import config_from_dict
+from rewarm import findings as F
 from rewarm.data.prepare import prepare
 from rewarm.data.sources import ReadStats, file_documents
+from rewarm.sweep import PlannedRun, run_all
 from rewarm.tokenizer import train_tokenizer
 
 log = logging.getLogger(__name__)
 
 SIZES = {
-    # steps: pre-training / continual; tokens per step = batch x seq_len
-    "full": dict(vocab=8192, seq_len=128, batch=16, pretrain_steps=400, continual_steps=200, code_bytes=6_000_000),
-    "quick": dict(vocab=4096, seq_len=64, batch=16, pretrain_steps=120, continual_steps=60, code_bytes=1_500_000),
+    # tokens per step = batch x seq_len; the pre-training max LR is the continual "mid" max LR
+    "full": dict(vocab=8192, seq_len=128, batch=16, pretrain_steps=500, continual_steps=120,
+                 code_bytes=6_000_000, eval_tokens=8192, max_lr=3e-3),
+    "quick": dict(vocab=4096, seq_len=64, batch=16, pretrain_steps=200, continual_steps=48,
+                  code_bytes=1_500_000, eval_tokens=4096, max_lr=3e-3),
 }
 
 
 def add_demo_parser(sub) -> None:
-    p = sub.add_parser("demo", help="run the built-in continual pre-training demo on real corpora")
-    p.add_argument("--out", default="demo_out", help="working directory (data, tokenizer, runs)")
-    p.add_argument("--quick", action="store_true", help="fewer steps and tokens, same pipeline")
+    p = sub.add_parser("demo", help="reproduce the papers' continual pre-training findings on real corpora (CPU)")
+    p.add_argument("--out", default="demo_out", help="working directory (data, tokenizer, runs, report)")
+    p.add_argument("--quick", action="store_true", help="fewer steps and tokens, same pipeline (~3 minutes)")
     p.add_argument("-q", "--quiet", action="store_true", help="no progress bars")
     p.set_defaults(func=_cmd_demo)
 
 
 def _cmd_demo(args: argparse.Namespace) -> int:
-    summary = run_demo(Path(args.out), quick=args.quick, progress=not args.quiet)
-    print(json.dumps(summary, indent=2))
+    result = run_demo(Path(args.out), quick=args.quick, progress=not args.quiet)
+    print()
+    print(result["findings_markdown"])
+    print()
+    failed = {k: v for k, v in result["runs"].items() if v.startswith("failed")}
+    print(f"runs: {result['runs_dir']}   report: {result['report']}   ({result['wall_time_s']:.0f} s)")
+    if failed:
+        print(f"failed runs: {failed}")
+        return 1
     return 0
+
+
+def _limit(docs, max_chars: int):
+    seen = 0
+    for d in docs:
+        if seen >= max_chars:
+            return
+        seen += len(d)
+        yield d
 
 
 def build_data(out: Path, size: dict, progress: bool) -> dict[str, Path]:
@@ -62,68 +87,84 @@ def build_data(out: Path, size: dict, progress: bool) -> dict[str, Path]:
     return shards
 
 
-def _limit(docs, max_chars: int):
-    seen = 0
-    for d in docs:
-        if seen >= max_chars:
-            return
-        seen += len(d)
-        yield d
-
-
-def base_config(out_dir: Path, size: dict, shards: dict[str, Path], steps: int) -> dict:
+def _base(out_dir: Path, size: dict, shards: dict[str, Path], steps: int, train_on: str) -> dict:
     return {
         "out_dir": str(out_dir),
         "seed": 0,
         "model": {"preset": "tiny"},
-        "data": {"eval": [{"name": n, "path": str(p)} for n, p in shards.items()]},
+        "data": {"train": [{"name": train_on, "path": str(shards[train_on])}],
+                 "eval": [{"name": n, "path": str(p)} for n, p in shards.items()]},
         "train": {"seq_len": size["seq_len"], "global_batch": size["batch"], "micro_batch": size["batch"], "max_steps": steps},
-        "eval": {"interval": max(steps // 10, 1), "interval_warmup": max(steps // 50, 1), "tokens": 16384, "batch": 16},
+        "eval": {"interval": max(steps // 6, 1), "interval_warmup": max(steps // 40, 1), "dense_until": 0.1,
+                 "tokens": size["eval_tokens"], "batch": 16},
+        "checkpoint": {"interval": 0, "keep_last": 1},
     }
 
 
+def plan(out: Path, size: dict, shards: dict[str, Path]) -> tuple[PlannedRun, list[PlannedRun]]:
+    runs_dir = out / "runs"
+    P, C, lr = size["pretrain_steps"], size["continual_steps"], size["max_lr"]
+    keep = [round(0.07 * P), round(0.19 * P)]
+    pre = _base(runs_dir / "pretrain", size, shards, P, "upstream")
+    pre["schedule"] = {"name": "cosine", "max_lr": lr, "min_lr": lr / 10, "warmup": 0.02}
+    pre["checkpoint"] = {"interval": 0, "keep_last": 1, "keep_steps": keep}
+    pretrain = PlannedRun("pretrain", pre)
+    final = str(runs_dir / "pretrain" / "final")
+
+    def continual(name: str, max_lr: float, warmup: float, **changes) -> PlannedRun:
+        raw = _base(runs_dir / name, size, shards, C, "downstream")
+        raw.update(init="weights", model={"path": final})
+        raw["schedule"] = {"name": "cosine", "max_lr": max_lr, "min_lr": max_lr / 10, "warmup": warmup}
+        for key, value in changes.items():
+            raw[key] = value
+        return PlannedRun(name, raw)
+
+    ckpt = lambda step: str(runs_dir / "pretrain" / "checkpoints" / f"step_{step:06d}")  # noqa: E731
+    runs = [continual(f"lr_mid_warmup{w}pct", lr, w / 100) for w in (0, 0.5, 1, 2)]
+    runs += [continual("lr_low_warmup1pct", lr / 2, 0.01), continual("lr_high_warmup1pct", lr * 2, 0.01)]
+    const = continual(F.CONSTANT, lr / 10, 0.0)
+    const.raw["schedule"] = {"name": "constant", "max_lr": lr / 10, "min_lr": lr / 10, "warmup": 0}
+    runs.append(const)
+    replay = continual(F.REPLAY, lr, 0.01)
+    replay.raw["data"]["train"] = [{"name": "downstream", "path": str(shards["downstream"]), "weight": 0.95},
+                                   {"name": "upstream", "path": str(shards["upstream"]), "weight": 0.05}]
+    runs.append(replay)
+    runs += [continual(F.EARLY_STARTS[0], lr, 0.01, model={"path": ckpt(keep[0])}),
+             continual(F.EARLY_STARTS[1], lr, 0.01, model={"path": ckpt(keep[1])})]
+    scratch = continual(F.SCRATCH, lr, 0.01, init="scratch", model={"preset": "tiny"})
+    runs.append(scratch)
+    for r in runs:  # normalise names like lr_mid_warmup0.0pct -> lr_mid_warmup0pct
+        r.name = r.name.replace(".0pct", "pct")
+        r.raw["out_dir"] = str(runs_dir / r.name)
+    return pretrain, runs
+
+
 def run_demo(out: Path, quick: bool = False, progress: bool = True) -> dict:
-    from rewarm.train import train
+    from rewarm.report import report
+    from rewarm.runs import find_runs
 
     t0 = time.time()
     size = SIZES["quick" if quick else "full"]
     shards = build_data(out, size, progress)
-    runs = out / "runs"
-
-    pre = base_config(runs / "pretrain", size, shards, size["pretrain_steps"])
-    pre["data"]["train"] = [{"name": "upstream", "path": str(shards["upstream"])}]
-    pre["schedule"] = {"name": "cosine", "max_lr": 3e-3, "min_lr": 3e-4, "warmup": 0.05}
-    pre_run = _train_once(pre, train, progress)
-
-    cont = base_config(runs / "continual", size, shards, size["continual_steps"])
-    cont.update(init="weights")
-    cont["model"] = {"path": str(pre_run.final)}
-    cont["data"]["train"] = [{"name": "downstream", "path": str(shards["downstream"])}]
-    cont["schedule"] = {"name": "cosine", "max_lr": 3e-3, "min_lr": 3e-4, "warmup": 0.01}
-    cont_run = _train_once(cont, train, progress)
-
-    s = json.loads(cont_run.summary.read_text())
+    pretrain, runs = plan(out, size, shards)
+    results = run_all([pretrain], progress=progress)
+    if results["pretrain"].startswith("failed"):
+        raise RuntimeError(f"pre-training failed: {results['pretrain']}")
+    results.update(run_all(runs, progress=progress))
+    runs_dir = out / "runs"
+    continual = [str(runs_dir / r.name) for r in runs if (runs_dir / r.name / "metrics.jsonl").exists()]
+    md = report(continual, out / "report", fmt="md", title="rewarm demo: prose → code continual pre-training")
+    report(continual, out / "report", fmt="html", title="rewarm demo: prose → code continual pre-training")
+    found = F.compute({r.name: r for r in find_runs(continual)})
+    wall = time.time() - t0
     result = {
-        "run_dir": str(cont_run.path),
-        "summary": str(cont_run.summary),
-        "pretrain_run": str(pre_run.path),
-        "forgetting_upstream": s["final"]["upstream"] - s["initial"]["upstream"],
-        "adaptation_downstream": s["initial"]["downstream"] - s["final"]["downstream"],
-        "final_loss": s["final"],
-        "step0_loss": s["initial"],
-        "wall_time_s": round(time.time() - t0, 1),
+        "runs_dir": str(runs_dir),
+        "report": str(md),
+        "runs": results,
+        "findings": [{"id": f.id, "claim": f.claim, "verdict": f.verdict, "detail": f.detail} for f in found],
+        "findings_markdown": F.as_markdown(found),
+        "wall_time_s": round(wall, 1),
+        "size": "quick" if quick else "full",
     }
+    (out / "demo_result.json").write_text(json.dumps(result, indent=2))
     return result
-
-
-def _train_once(raw: dict, train, progress: bool):
-    """Train unless this run already finished (re-running the demo reuses finished runs)."""
-    from rewarm.rundir import RunDir
-
-    run = RunDir(raw["out_dir"])
-    if run.summary.exists():
-        log.info("%s already finished; reusing it", run.path)
-        return run
-    if run.has_started():
-        raw = dict(raw, init="resume") if run.checkpoints.exists() else raw
-    return train(config_from_dict(raw), overwrite=raw.get("init") != "resume", progress=progress)

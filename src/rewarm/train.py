@@ -49,7 +49,7 @@ def _loop(cfg: RunConfig, run: RunDir, st: RunState, stop: "_StopOnSignal", prog
     t, model, opt = cfg.train, st.model, st.optimizer
     accum = t.global_batch // t.micro_batch
     tokens_per_step = t.global_batch * t.seq_len
-    warmup_end = warmup_steps(cfg.schedule.warmup, t.max_steps)
+    dense_end = warmup_steps(cfg.eval.dense_until or cfg.schedule.warmup, t.max_steps)
     metrics = MetricsWriter(run.metrics)
     params = [p for p in model.parameters() if p.requires_grad]
     step = st.step
@@ -114,7 +114,7 @@ def _loop(cfg: RunConfig, run: RunDir, st: RunState, stop: "_StopOnSignal", prog
             })
             bar.set_postfix(loss=f"{loss_sum:.3f}", lr=f"{lr:.2e}", tok_s=f"{tok_s:,.0f}")
         bar.update(1)
-        eval_every = cfg.eval.interval_warmup if (cfg.eval.interval_warmup and step <= warmup_end) else cfg.eval.interval
+        eval_every = cfg.eval.interval_warmup if (cfg.eval.interval_warmup and step <= dense_end) else cfg.eval.interval
         if st.eval_sets and (due(eval_every) or step == t.max_steps):
             run_eval()
         if due(cfg.checkpoint.interval) or step in cfg.checkpoint.keep_steps or step == t.max_steps:

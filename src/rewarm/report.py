@@ -1,0 +1,178 @@
+"""`rewarm report RUNS... -o DIR`: tables and plots of what every run adapted and forgot.
+
+Writes report.md (+ PNGs) or report.html (one self-contained file, images inlined):
+loss vs tokens per eval set (upstream and downstream side by side), the LR of each run,
+a table of step-0 / final / min loss per set with forgetting, adaptation and the
+re-warming spike, a forgetting-vs-adaptation scatter, and — when the runs are the demo's —
+the papers' findings computed from these numbers.
+"""
+from __future__ import annotations
+
+import base64
+import html
+import os
+from pathlib import Path
+
+from rewarm import findings as F
+from rewarm.plots import _pyplot, save_figure
+from rewarm.runs import RunData, find_runs
+
+
+def _set_names(runs: list[RunData]) -> list[str]:
+    names: list[str] = []
+    for r in runs:
+        for _, _, sets in r.evals[:1]:
+            names += [n for n in sets if n not in names]
+    order = {"upstream": 0, "downstream": 1}
+    return sorted(names, key=lambda n: (order.get(n, 2), n))
+
+
+def _colors(runs: list[RunData]) -> dict[str, tuple]:
+    plt = _pyplot()
+    cmap = plt.get_cmap("tab20" if len(runs) > 10 else "tab10")
+    return {r.name: cmap(i % cmap.N) for i, r in enumerate(runs)}
+
+
+def plot_losses(runs: list[RunData], out: Path) -> Path:
+    plt = _pyplot()
+    sets = _set_names(runs)
+    colors = _colors(runs)
+    fig, axes = plt.subplots(1, len(sets), figsize=(6.5 * len(sets), 4.6), squeeze=False)
+    for ax, name in zip(axes[0], sets):
+        for r in runs:
+            pts = r.series(name)
+            if pts:
+                ax.plot([p[0] / 1e6 for p in pts], [p[1] for p in pts], label=r.name, color=colors[r.name],
+                        linestyle="--" if r.name in (F.SCRATCH, F.CONSTANT) else "-", linewidth=1.5)
+        ax.set_title(f"{name} held-out loss")
+        ax.set_xlabel("tokens seen in this run (millions)")
+        ax.set_ylabel("cross-entropy (nats / token)")
+        ax.grid(alpha=0.3)
+    axes[0][-1].legend(fontsize=7, loc="upper left", bbox_to_anchor=(1.01, 1.0), frameon=False)
+    path = save_figure(fig, out)
+    plt.close(fig)
+    return path
+
+
+def plot_lrs(runs: list[RunData], out: Path) -> Path:
+    plt = _pyplot()
+    colors = _colors(runs)
+    fig, ax = plt.subplots(figsize=(9, 4))
+    for r in runs:
+        if r.lrs:
+            ax.plot([s for s, _ in r.lrs], [lr for _, lr in r.lrs], label=r.name, color=colors[r.name], linewidth=1.4)
+    ax.set_xlabel("step")
+    ax.set_ylabel("learning rate")
+    ax.set_title("learning-rate schedule of each run")
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=7, loc="upper left", bbox_to_anchor=(1.01, 1.0), frameon=False)
+    path = save_figure(fig, out)
+    plt.close(fig)
+    return path
+
+
+def plot_tradeoff(runs: list[RunData], out: Path) -> Path | None:
+    pts = [(r.name, r.forgetting(), r.adaptation()) for r in runs]
+    pts = [p for p in pts if p[1] is not None and p[2] is not None]
+    if not pts:
+        return None
+    plt = _pyplot()
+    colors = _colors(runs)
+    fig, ax = plt.subplots(figsize=(7, 5))
+    for name, f, a in pts:
+        ax.scatter([f], [a], color=colors[name], s=40)
+        ax.annotate(name, (f, a), fontsize=7, xytext=(4, 3), textcoords="offset points")
+    ax.set_xlabel("forgetting: final − step-0 upstream loss  (lower is better)")
+    ax.set_ylabel("adaptation: step-0 − final downstream loss  (higher is better)")
+    ax.set_title("the price of adapting: forgetting vs adaptation")
+    ax.grid(alpha=0.3)
+    path = save_figure(fig, out)
+    plt.close(fig)
+    return path
+
+
+def _fmt(x: float | None, signed: bool = False) -> str:
+    if x is None:
+        return "–"
+    return f"{x:+.4f}" if signed else f"{x:.4f}"
+
+
+def run_table(runs: list[RunData]) -> tuple[list[str], list[list[str]]]:
+    sets = _set_names(runs)
+    header = ["run", "tokens"]
+    for s in sets:
+        header += [f"{s} step 0", f"{s} final", f"{s} min"]
+    header += ["forgetting", "adaptation", "spike (first 10%)"]
+    rows = []
+    for r in runs:
+        tokens = r.evals[-1][1] if r.evals else 0
+        row = [r.name + ("" if r.finished else " (unfinished)"), f"{tokens:,}"]
+        for s in sets:
+            row += [_fmt(r.start(s)), _fmt(r.final(s)), _fmt(r.minimum(s))]
+        row += [_fmt(r.forgetting(), True), _fmt(r.adaptation(), True), _fmt(r.spike(), True)]
+        rows.append(row)
+    return header, rows
+
+
+def report(paths: list[str], out_dir: str | Path, fmt: str = "md", title: str = "rewarm report") -> Path:
+    runs = find_runs(paths)
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    images = {
+        "Held-out loss vs tokens": plot_losses(runs, out / "loss_vs_tokens.png"),
+        "Forgetting vs adaptation": plot_tradeoff(runs, out / "tradeoff.png"),
+        "Learning rates": plot_lrs(runs, out / "lr.png"),
+    }
+    images = {k: v for k, v in images.items() if v is not None}
+    header, rows = run_table(runs)
+    by_name = {r.name: r for r in runs}
+    found = F.compute(by_name) if any(n in by_name for n in (F.MID, F.SCRATCH, F.CONSTANT)) else []
+    notes = ("Step-0 loss: the eval before the first update. Final: the last eval. Forgetting = final − step-0 "
+             "upstream loss; adaptation = step-0 − final downstream loss; spike = peak upstream loss over the evals "
+             "in the first 10% of steps minus step-0 upstream loss.")
+    if fmt == "html":
+        text = _html(title, runs, header, rows, images, found, notes)
+        path = out / "report.html"
+    else:
+        text = _markdown(title, runs, header, rows, images, found, notes)
+        path = out / "report.md"
+    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
+    tmp.write_text(text)
+    os.replace(tmp, path)
+    return path
+
+
+def _markdown(title, runs, header, rows, images, found, notes) -> str:
+    lines = [f"# {title}", "", f"{len(runs)} runs. {notes}", ""]
+    if found:
+        lines += ["## The papers' findings, in these runs", "", F.as_markdown(found), ""]
+    lines += ["## Runs", "", "| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
+    lines += ["| " + " | ".join(r) + " |" for r in rows]
+    for caption, img in images.items():
+        lines += ["", f"## {caption}", "", f"![{caption}]({img.name})"]
+    return "\n".join(lines) + "\n"
+
+
+def _html(title, runs, header, rows, images, found, notes) -> str:
+    esc = html.escape
+    parts = [f"<!doctype html><html><head><meta charset='utf-8'><title>{esc(title)}</title><style>",
+             "body{font-family:system-ui,sans-serif;max-width:1200px;margin:2em auto;padding:0 1em;color:#222}",
+             "table{border-collapse:collapse;font-size:13px;margin:1em 0}td,th{border:1px solid #ccc;padding:4px 8px;text-align:right}",
+             "td:first-child,th:first-child{text-align:left}th{background:#f3f3f3}img{max-width:100%;border:1px solid #eee}",
+             ".holds{color:#176a17;font-weight:bold}.fails{color:#a33;font-weight:bold}</style></head><body>",
+             f"<h1>{esc(title)}</h1><p>{len(runs)} runs. {esc(notes)}</p>"]
+    if found:
+        parts.append("<h2>The papers' findings, in these runs</h2><table><tr><th>id</th><th>finding</th><th>result</th><th>numbers</th></tr>")
+        for f in found:
+            cls = "holds" if f.holds else "fails"
+            parts.append(f"<tr><td>{f.id}</td><td style='text-align:left'>{esc(f.claim)}</td><td class='{cls}'>{esc(f.verdict)}</td>"
+                         f"<td style='text-align:left'>{esc(f.detail)}</td></tr>")
+        parts.append("</table>")
+    parts.append("<h2>Runs</h2><table><tr>" + "".join(f"<th>{esc(h)}</th>" for h in header) + "</tr>")
+    parts += ["<tr>" + "".join(f"<td>{esc(c)}</td>" for c in row) + "</tr>" for row in rows]
+    parts.append("</table>")
+    for caption, img in images.items():
+        data = base64.b64encode(img.read_bytes()).decode()
+        parts.append(f"<h2>{esc(caption)}</h2><img alt='{esc(caption)}' src='data:image/png;base64,{data}'>")
+    parts.append("</body></html>")
+    return "\n".join(parts)

@@ -1,0 +1,90 @@
+"""Read finished (or partial) run directories back as numbers: evals, LR, forgetting, adaptation.
+
+Definitions (shared FINDINGS.md): step-0 loss = the eval before any update; final loss = the
+last eval; forgetting = final upstream - step-0 upstream; adaptation = step-0 downstream -
+final downstream; re-warming spike = peak upstream loss over the evals in the first 10% of
+steps (after step 0) minus the step-0 upstream loss.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import yaml
+
+from rewarm.errors import UserError
+from rewarm.rundir import RunDir, iter_metrics
+
+
+@dataclass
+class RunData:
+    name: str
+    path: Path
+    config: dict
+    evals: list[tuple[int, int, dict[str, float]]] = field(default_factory=list)  # (step, tokens, {set: loss})
+    lrs: list[tuple[int, float]] = field(default_factory=list)  # (step index of the update, lr)
+    finished: bool = False
+
+    @classmethod
+    def load(cls, path: str | Path, name: str | None = None) -> "RunData":
+        rd = RunDir(path)
+        if not rd.metrics.exists():
+            raise UserError(f"{rd.path} is not a run directory (no metrics.jsonl).")
+        config = yaml.safe_load(rd.config.read_text()) if rd.config.exists() else {}
+        run = cls(name or rd.path.name, rd.path, config, finished=rd.summary.exists())
+        for e in iter_metrics(rd.metrics):
+            if e.get("event") == "eval":
+                run.evals.append((e["step"], e["tokens"], {k: v["loss"] for k, v in e["sets"].items()}))
+            elif e.get("event") == "train":
+                run.lrs.append((e["step"] - 1, e["lr"]))
+        return run
+
+    @property
+    def max_steps(self) -> int:
+        return int(self.config.get("train", {}).get("max_steps", self.evals[-1][0] if self.evals else 0))
+
+    def series(self, name: str) -> list[tuple[int, float]]:
+        """(tokens, loss) of one eval set."""
+        return [(tok, sets[name]) for _, tok, sets in self.evals if name in sets]
+
+    def start(self, name: str) -> float | None:
+        first = [sets[name] for step, _, sets in self.evals if step == 0 and name in sets]
+        return first[0] if first else None
+
+    def final(self, name: str) -> float | None:
+        vals = [sets[name] for _, _, sets in self.evals if name in sets]
+        return vals[-1] if vals else None
+
+    def minimum(self, name: str) -> float | None:
+        vals = [sets[name] for _, _, sets in self.evals if name in sets]
+        return min(vals) if vals else None
+
+    def forgetting(self, upstream: str = "upstream") -> float | None:
+        s, f = self.start(upstream), self.final(upstream)
+        return None if s is None or f is None else f - s
+
+    def adaptation(self, downstream: str = "downstream") -> float | None:
+        s, f = self.start(downstream), self.final(downstream)
+        return None if s is None or f is None else s - f
+
+    def spike(self, upstream: str = "upstream") -> float | None:
+        s = self.start(upstream)
+        early = [sets[upstream] for step, _, sets in self.evals
+                 if 0 < step <= 0.1 * self.max_steps and upstream in sets]
+        return None if s is None or not early else max(early) - s
+
+
+def find_runs(paths: list[str]) -> list[RunData]:
+    """Run directories given directly, or every run inside a sweep / runs directory."""
+    found: list[RunData] = []
+    for p in map(Path, paths):
+        if (p / "metrics.jsonl").exists():
+            found.append(RunData.load(p))
+        elif p.is_dir():
+            subs = sorted(d for d in p.iterdir() if (d / "metrics.jsonl").exists())
+            if not subs:
+                raise UserError(f"{p} holds no run directories (no */metrics.jsonl).")
+            found.extend(RunData.load(d) for d in subs)
+        else:
+            raise UserError(f"{p} does not exist. Pass run directories or a sweep directory.")
+    return found

@@ -1,0 +1,207 @@
+"""Sweeps: a base config + axes (dotted key -> values) + explicit extra runs -> named runs.
+
+    name: gupta2023                       # optional
+    out_dir: runs/gupta2023               # each run lands in out_dir/<run name>/
+    base: {...run config...}              # or a path to a YAML run config
+    axes:
+      schedule.max_lr: [1.5e-4, 3e-4, 6e-4]
+      schedule.warmup: [0, 0.01]
+    runs:                                 # optional explicit runs (overrides on the base)
+      - {name: constant, set: {schedule.name: constant, schedule.max_lr: 3.0e-5}}
+
+Runs are executed one after another; finished runs are skipped, interrupted ones resumed,
+and a failed run does not stop the others (they are listed at the end, exit code 1).
+"""
+from __future__ import annotations
+
+import copy
+import itertools
+import logging
+import shlex
+import sys
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import yaml
+from tqdm import tqdm
+
+from rewarm.config import config_from_dict, dump_yaml, set_dotted
+from rewarm.errors import UserError
+from rewarm.rundir import RunDir
+
+log = logging.getLogger(__name__)
+
+
+@dataclass
+class PlannedRun:
+    name: str
+    raw: dict  # the run config as a dict (validated by config_from_dict when built)
+
+    @property
+    def out_dir(self) -> Path:
+        return Path(self.raw["out_dir"])
+
+
+def _fmt(value: Any) -> str:
+    if isinstance(value, float):
+        return f"{value:g}"
+    return str(value).replace("/", "-")
+
+
+def run_name(assignment: dict[str, Any]) -> str:
+    """{'schedule.max_lr': 3e-4, 'schedule.warmup': 0.01} -> 'maxlr3e-04_warmup0.01'."""
+    return "_".join(f"{key.rsplit('.', 1)[-1].replace('_', '')}{_fmt(v)}" for key, v in assignment.items()) or "base"
+
+
+def _set(raw: dict, assignment: dict[str, Any]) -> dict:
+    out = copy.deepcopy(raw)
+    for key, value in assignment.items():
+        set_dotted(out, key, value)
+    return out
+
+
+def load_sweep(path: str | Path) -> dict:
+    p = Path(path)
+    if not p.is_file():
+        raise UserError(f"sweep file {p} does not exist.")
+    spec = yaml.safe_load(p.read_text()) or {}
+    unknown = set(spec) - {"name", "out_dir", "base", "axes", "runs"}
+    if unknown:
+        raise UserError(f"sweep file {p}: unknown top-level keys {sorted(unknown)}; valid: name, out_dir, base, axes, runs.")
+    if isinstance(spec.get("base"), str):
+        base_path = (p.parent / spec["base"]) if not Path(spec["base"]).is_absolute() else Path(spec["base"])
+        spec["base"] = yaml.safe_load(base_path.read_text())
+    spec.setdefault("out_dir", f"runs/{spec.get('name', p.stem)}")
+    return spec
+
+
+def expand(spec: dict) -> list[PlannedRun]:
+    """The grid of `axes` (every combination) followed by the explicit `runs`."""
+    base = spec.get("base") or {}
+    axes = spec.get("axes") or {}
+    root = Path(spec["out_dir"])
+    planned: list[PlannedRun] = []
+    if axes:
+        for values in itertools.product(*axes.values()):
+            assignment = dict(zip(axes, values))
+            name = run_name(assignment)
+            planned.append(PlannedRun(name, dict(_set(base, assignment), out_dir=str(root / name))))
+    elif not spec.get("runs"):
+        planned.append(PlannedRun("base", dict(copy.deepcopy(base), out_dir=str(root / "base"))))
+    for extra in spec.get("runs") or []:
+        if "name" not in extra:
+            raise UserError("every entry of `runs:` needs a `name`.")
+        planned.append(PlannedRun(extra["name"], dict(_set(base, extra.get("set") or {}), out_dir=str(root / extra["name"]))))
+    names = [r.name for r in planned]
+    dupes = {n for n in names if names.count(n) > 1}
+    if dupes:
+        raise UserError(f"sweep run names must be unique; repeated: {sorted(dupes)}.")
+    for r in planned:
+        try:
+            config_from_dict(r.raw)
+        except UserError as exc:
+            raise UserError(f"sweep run `{r.name}`: {exc}") from None
+    return planned
+
+
+def write_configs(runs: list[PlannedRun], root: Path) -> list[Path]:
+    """Resolved config of every run in <out_dir>/configs/<name>.yaml (for launchers)."""
+    paths = []
+    (root / "configs").mkdir(parents=True, exist_ok=True)
+    for r in runs:
+        path = root / "configs" / f"{r.name}.yaml"
+        tmp = path.with_suffix(".yaml.tmp")
+        tmp.write_text(dump_yaml(config_from_dict(r.raw)))
+        tmp.replace(path)
+        paths.append(path)
+    return paths
+
+
+def status(run: PlannedRun) -> str:
+    rd = RunDir(run.out_dir)
+    if rd.summary.exists():
+        return "done"
+    if rd.checkpoints.exists() and any(rd.checkpoints.glob("step_*")):
+        return "partial"
+    return "todo"
+
+
+def launch_commands(config_paths: list[Path], nproc: int = 1) -> list[str]:
+    out = []
+    for p in config_paths:
+        q = shlex.quote(str(p))
+        out.append(f"rewarm train {q}")
+        out.append(f"torchrun --standalone --nproc_per_node {nproc} -m rewarm train {q}")
+    return out
+
+
+def slurm_array(config_paths: list[Path], job_name: str) -> str:
+    lines = "\n".join(f"  {shlex.quote(str(p.resolve()))}" for p in config_paths)
+    return f"""#!/bin/bash
+#SBATCH --job-name={job_name}
+#SBATCH --array=0-{len(config_paths) - 1}
+#SBATCH --nodes=1
+#SBATCH --gpus-per-node=1
+#SBATCH --output=slurm-%A_%a.out
+# One array task per sweep run; re-submitting skips nothing by itself, but each task resumes
+# its run from its newest checkpoint when one exists.
+CONFIGS=(
+{lines}
+)
+CFG=${{CONFIGS[$SLURM_ARRAY_TASK_ID]}}
+OUT=$(python -c "import yaml,sys; print(yaml.safe_load(open(sys.argv[1]))['out_dir'])" "$CFG")
+if [ -f "$OUT/summary.json" ]; then echo "already done: $OUT"; exit 0; fi
+if ls "$OUT"/checkpoints/step_* >/dev/null 2>&1; then RESUME=--resume; else RESUME=--overwrite; fi
+srun torchrun --standalone --nproc_per_node ${{SLURM_GPUS_ON_NODE:-1}} -m rewarm train "$CFG" $RESUME
+"""
+
+
+def run_all(runs: list[PlannedRun], progress: bool = True) -> dict[str, str]:
+    """Run each planned run in this process; returns {name: done|skipped|failed: reason}."""
+    from rewarm.train import train
+
+    results: dict[str, str] = {}
+    bar = tqdm(total=len(runs), desc="sweep", unit="run", disable=not progress, position=0, dynamic_ncols=True)
+    for r in runs:
+        bar.set_postfix_str(r.name)
+        state = status(r)
+        if state == "done":
+            results[r.name] = "skipped (already finished)"
+            bar.update(1)
+            continue
+        raw = dict(r.raw, init="resume") if state == "partial" else r.raw
+        try:
+            train(config_from_dict(raw), overwrite=state == "todo", progress=progress)
+            results[r.name] = "resumed and finished" if state == "partial" else "finished"
+        except (UserError, RuntimeError, ValueError, OSError) as exc:
+            log.error("run %s failed: %s", r.name, exc)
+            results[r.name] = f"failed: {str(exc).splitlines()[0] if str(exc) else type(exc).__name__}"
+        bar.update(1)
+    bar.close()
+    return results
+
+
+def main_sweep(path: str, dry_run: bool, print_commands: bool, slurm_file: str | None, nproc: int, progress: bool) -> int:
+    spec = load_sweep(path)
+    runs = expand(spec)
+    root = Path(spec["out_dir"])
+    if dry_run:
+        for r in runs:
+            print(f"{status(r):>8}  {r.name:<32} {r.out_dir}")
+        print(f"{len(runs)} runs in {root}")
+        return 0
+    configs = write_configs(runs, root)
+    if print_commands or slurm_file:
+        if print_commands:
+            print("\n".join(launch_commands(configs, nproc)))
+        if slurm_file:
+            Path(slurm_file).write_text(slurm_array(configs, spec.get("name", Path(path).stem)))
+            print(f"wrote SLURM array script {slurm_file} ({len(configs)} tasks): sbatch {slurm_file}", file=sys.stderr)
+        return 0
+    results = run_all(runs, progress)
+    failed = {k: v for k, v in results.items() if v.startswith("failed")}
+    for name, what in results.items():
+        print(f"{name:<32} {what}")
+    print(f"sweep {root}: {len(results) - len(failed)} ok, {len(failed)} failed. Report: rewarm report {root} -o {root}/report")
+    return 1 if failed else 0

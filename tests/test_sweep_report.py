@@ -1,0 +1,116 @@
+"""Sweeps (expand, skip, resume, continue past failures, launchers) and reports."""
+import json
+
+import pytest
+import yaml
+
+from conftest import metrics, run_cli, small_run_config
+from rewarm.errors import UserError
+from rewarm.runs import RunData
+from rewarm.sweep import expand, run_name
+
+
+def sweep_file(tmp_path, shards, extra_runs=None, **axes):
+    base = small_run_config(tmp_path / "unused", shards, **{"train.max_steps": 4, "eval.interval": 2,
+                                                             "checkpoint.interval": 2, "schedule.warmup": 1})
+    base.pop("out_dir")
+    spec = {"name": "t", "out_dir": str(tmp_path / "sweep"), "base": base,
+            "axes": axes or {"schedule.max_lr": [1e-3, 2e-3]}}
+    if extra_runs:
+        spec["runs"] = extra_runs
+    path = tmp_path / "sweep.yaml"
+    path.write_text(yaml.safe_dump(spec))
+    return path, spec
+
+
+def test_expand_names_and_overrides(tmp_path, shards):
+    _, spec = sweep_file(tmp_path, shards, extra_runs=[{"name": "constant", "set": {"schedule.name": "constant"}}],
+                         **{"schedule.max_lr": [3e-4, 6e-4], "schedule.warmup": [0, 0.5]})
+    runs = expand(spec)
+    assert [r.name for r in runs] == ["maxlr0.0003_warmup0", "maxlr0.0003_warmup0.5", "maxlr0.0006_warmup0",
+                                      "maxlr0.0006_warmup0.5", "constant"]
+    assert runs[3].raw["schedule"]["max_lr"] == 6e-4 and runs[3].raw["schedule"]["warmup"] == 0.5
+    assert runs[-1].raw["schedule"]["name"] == "constant"
+    assert runs[0].raw["out_dir"] == str(tmp_path / "sweep" / "maxlr0.0003_warmup0")
+    assert run_name({"train.seq_len": 64}) == "seqlen64"
+    spec["axes"] = {"schedule.max_lrr": [1]}
+    with pytest.raises(UserError, match="did you mean `max_lr`"):
+        expand(spec)
+
+
+def test_launchers(tmp_path, shards):
+    path, _ = sweep_file(tmp_path, shards)
+    dry = run_cli("sweep", str(path), "--dry-run")
+    assert dry.returncode == 0 and "todo" in dry.stdout and "2 runs" in dry.stdout
+    cmds = run_cli("sweep", str(path), "--print-commands", "--nproc", "4")
+    lines = cmds.stdout.strip().splitlines()
+    assert len(lines) == 4 and lines[0].startswith("rewarm train ") and "--nproc_per_node 4 -m rewarm train" in lines[1]
+    slurm = tmp_path / "array.sbatch"
+    assert run_cli("sweep", str(path), "--slurm-array", str(slurm)).returncode == 0
+    text = slurm.read_text()
+    assert "#SBATCH --array=0-1" in text and "maxlr0.002.yaml" in text and "torchrun" in text
+    assert not (tmp_path / "sweep" / "maxlr0.001").exists()  # nothing was run
+
+
+def test_sweep_runs_skips_resumes_and_continues_past_failures(tmp_path, shards):
+    path, spec = sweep_file(tmp_path, shards, extra_runs=[{"name": "broken", "set": {"data.eval": [{"name": "x", "path": str(tmp_path / "missing")}]}}])
+    first = run_cli("sweep", str(path), "-q")
+    assert first.returncode == 1, first.stderr[-2000:]
+    assert "broken" in first.stdout and "failed" in first.stdout and "2 ok, 1 failed" in first.stdout
+    done = tmp_path / "sweep" / "maxlr0.002"
+    assert (done / "summary.json").exists()
+    # interrupt one run after its step-2 checkpoint: resumed on the next sweep, the other skipped
+    import shutil
+
+    part = tmp_path / "sweep" / "maxlr0.001"
+    before = metrics(part)
+    shutil.rmtree(part / "final")
+    (part / "summary.json").unlink()
+    shutil.rmtree(part / "checkpoints" / "step_000004")
+    second = run_cli("sweep", str(path), "-q")
+    assert "skipped (already finished)" in second.stdout and "resumed and finished" in second.stdout
+    strip = lambda evs: [e for e in evs if e["event"] in ("train", "eval")]  # noqa: E731
+    assert strip(metrics(part)) == strip(before)
+
+
+def parse_table(md: str) -> dict[str, dict[str, str]]:
+    lines = [line for line in md.splitlines() if line.startswith("| ")]
+    start = next(i for i, line in enumerate(lines) if line.startswith("| run |"))
+    header = [c.strip() for c in lines[start].strip("|").split("|")]
+    rows = {}
+    for line in lines[start + 1:]:
+        cells = [c.strip() for c in line.strip("|").split("|")]
+        if len(cells) == len(header):
+            rows[cells[0]] = dict(zip(header, cells))
+    return rows
+
+
+def test_report_numbers_match_metrics_jsonl(tmp_path, shards):
+    path, _ = sweep_file(tmp_path, shards, **{"schedule.max_lr": [1e-3, 4e-3], "train.max_steps": [10]})
+    assert run_cli("sweep", str(path), "-q").returncode == 0
+    sweep_dir = tmp_path / "sweep"
+    proc = run_cli("report", str(sweep_dir), "-o", str(tmp_path / "rep"))
+    assert proc.returncode == 0, proc.stderr
+    md = (tmp_path / "rep" / "report.md").read_text()
+    table = parse_table(md)
+    for name in ("maxlr0.001_maxsteps10", "maxlr0.004_maxsteps10"):
+        evals = [e for e in metrics(sweep_dir / name) if e["event"] == "eval"]
+        up0, upN = evals[0]["sets"]["upstream"]["loss"], evals[-1]["sets"]["upstream"]["loss"]
+        d0, dN = evals[0]["sets"]["downstream"]["loss"], evals[-1]["sets"]["downstream"]["loss"]
+        assert evals[0]["step"] == 0 and evals[-1]["step"] == 10
+        row = table[name]
+        assert float(row["forgetting"]) == pytest.approx(upN - up0, abs=6e-5)
+        assert float(row["adaptation"]) == pytest.approx(d0 - dN, abs=6e-5)
+        assert float(row["upstream step 0"]) == pytest.approx(up0, abs=6e-5)
+        assert float(row["downstream final"]) == pytest.approx(dN, abs=6e-5)
+        early = [e["sets"]["upstream"]["loss"] for e in evals if 0 < e["step"] <= 1]
+        assert float(row["spike (first 10%)"]) == pytest.approx(max(early) - up0, abs=6e-5)
+        assert RunData.load(sweep_dir / name).forgetting() == upN - up0
+    for png in ("loss_vs_tokens.png", "tradeoff.png", "lr.png"):
+        assert (tmp_path / "rep" / png).read_bytes()[:4] == b"\x89PNG" and f"]({png})" in md
+    html = run_cli("report", str(sweep_dir), "-o", str(tmp_path / "rep"), "--format", "html")
+    assert html.returncode == 0
+    page = (tmp_path / "rep" / "report.html").read_text()
+    assert page.count("data:image/png;base64,") == 3 and "maxlr0.004_maxsteps10" in page
+    bad = run_cli("report", str(tmp_path / "nothing"), "-o", str(tmp_path / "rep"))
+    assert bad.returncode == 2 and "does not exist" in bad.stderr
