@@ -12,7 +12,8 @@ from rewarm.sweep import expand, run_name
 
 def sweep_file(tmp_path, shards, extra_runs=None, **axes):
     base = small_run_config(tmp_path / "unused", shards, **{"train.max_steps": 4, "eval.interval": 2,
-                                                             "checkpoint.interval": 2, "schedule.warmup": 1})
+                                                             "checkpoint.interval": 2, "schedule.warmup": 1,
+                                                             "eval.interval_warmup": 1})
     base.pop("out_dir")
     spec = {"name": "t", "out_dir": str(tmp_path / "sweep"), "base": base,
             "axes": axes or {"schedule.max_lr": [1e-3, 2e-3]}}
