@@ -47,16 +47,40 @@ def write_json_atomic(path: Path, obj: Any) -> None:
     os.replace(tmp, path)
 
 
+class DiskFull(Exception):
+    """Not enough space for a checkpoint; the previous checkpoints are untouched."""
+
+    exit_code = 4
+
+
+def expected_size(model: torch.nn.Module) -> int:
+    """Weights + two AdamW moments, +10% for tokenizer, config and pickling."""
+    weights = sum(p.numel() * p.element_size() for p in model.parameters())
+    return int(weights * 3 * 1.1)
+
+
 def save(root: Path, step: int, model: torch.nn.Module, tokenizer, trainer_state: dict) -> Path:
-    """Write checkpoints/step_N atomically; returns its path."""
+    """Write checkpoints/step_N atomically; returns its path. Checks free space first."""
     root.mkdir(parents=True, exist_ok=True)
+    need, free = expected_size(model), shutil.disk_usage(root).free
+    if free < need:
+        raise DiskFull(f"not enough disk space for checkpoint step {step} in {root}: need ~{need / 1e6:.1f} MB, "
+                       f"{free / 1e6:.1f} MB free. Free space (or lower checkpoint.keep_last), then --resume; "
+                       f"earlier checkpoints are intact.")
     final = step_dir(root, step)
     tmp = root / f".{final.name}.tmp-{os.getpid()}"
     shutil.rmtree(tmp, ignore_errors=True)
-    model.save_pretrained(tmp, safe_serialization=True)
-    if tokenizer is not None:
-        tokenizer.save_pretrained(tmp)
-    torch.save(trainer_state, tmp / TRAINER_STATE)
+    try:
+        model.save_pretrained(tmp, safe_serialization=True)
+        if tokenizer is not None:
+            tokenizer.save_pretrained(tmp)
+        torch.save(trainer_state, tmp / TRAINER_STATE)
+    except OSError as exc:
+        shutil.rmtree(tmp, ignore_errors=True)
+        if exc.errno == 28:  # ENOSPC
+            raise DiskFull(f"disk full while writing checkpoint step {step} in {root}; the partial write was removed "
+                           f"and earlier checkpoints are intact. Free space, then --resume.") from None
+        raise
     files = sorted(p for p in tmp.iterdir() if p.is_file())
     manifest = {"step": step, "files": {p.name: {"size": p.stat().st_size, "sha256": _sha256(p)} for p in files}}
     write_json_atomic(tmp / MANIFEST, manifest)
@@ -99,9 +123,12 @@ def list_steps(root: Path) -> list[tuple[int, Path]]:
     return sorted(out)
 
 
-def load_latest(root: Path) -> tuple[Path, dict] | None:
-    """Newest intact checkpoint (path, trainer_state), skipping broken ones with a warning."""
+def load_latest(root: Path, before: int | None = None) -> tuple[Path, dict] | None:
+    """Newest intact checkpoint (path, trainer_state) — older than step `before` if given —
+    skipping broken ones with a warning."""
     for step, path in reversed(list_steps(root)):
+        if before is not None and step >= before:
+            continue
         problem = verify(path)
         if problem:
             log.warning("skipping checkpoint %s: %s", path, problem)

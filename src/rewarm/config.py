@@ -97,6 +97,9 @@ class TrainConfig:
     device: str = _f("auto", "auto | cpu | cuda")
     log_interval: int = _f(1, "write a train line to metrics.jsonl every N steps")
     num_threads: int = _f(0, "torch CPU threads (0 = torch's default)")
+    max_bad_steps: int = _f(5, "non-finite loss / grad-norm steps in a row (each skipped) before on_divergence acts")
+    on_divergence: str = _f("stop", "stop | rollback (reload the last checkpoint and scale the LR by rollback_lr_factor)")
+    rollback_lr_factor: float = _f(0.5, "LR multiplier applied at each rollback")
 
 
 @dataclass
@@ -134,6 +137,7 @@ CHOICES = {
     "init": ("scratch", "weights", "resume"),
     "train.precision": ("fp32", "bf16", "fp16"),
     "train.device": ("auto", "cpu", "cuda"),
+    "train.on_divergence": ("stop", "rollback"),
     "optimizer.state": ("fresh", "from_checkpoint"),
     "schedule.decay_shape": ("linear", "1-sqrt", "cosine"),
     "schedule.cooldown_shape": ("cosine", "inv_sqrt"),

@@ -31,9 +31,9 @@ log = logging.getLogger(__name__)
 
 SIZES = {
     # tokens per step = batch x seq_len; the pre-training max LR is the continual "mid" max LR
-    "full": dict(vocab=8192, seq_len=128, batch=16, pretrain_steps=500, continual_steps=120,
+    "full": dict(vocab=8192, seq_len=128, batch=16, pretrain_steps=400, continual_steps=80,
                  code_bytes=6_000_000, eval_tokens=8192, max_lr=3e-3),
-    "quick": dict(vocab=4096, seq_len=64, batch=16, pretrain_steps=200, continual_steps=48,
+    "quick": dict(vocab=4096, seq_len=64, batch=16, pretrain_steps=150, continual_steps=32,
                   code_bytes=1_500_000, eval_tokens=4096, max_lr=3e-3),
 }
 

@@ -36,7 +36,7 @@ class EvalSet:
                 f"eval set `{name}` ({shards.path}) has {len(val)} validation tokens, fewer than one window of "
                 f"{seq_len + 1}. Prepare it with a larger --val-fraction / --val-tokens, or lower train.seq_len."
             )
-        if n * seq_len < eval_tokens:
+        if len(val) - 1 < eval_tokens:
             log.warning("eval set `%s` has only %d validation tokens; scoring %d windows (%d tokens)",
                         name, len(val), n, n * seq_len)
         rows = np.lib.stride_tricks.sliding_window_view(np.asarray(val[: n * seq_len + 1], dtype=np.int64), seq_len + 1)[::seq_len]

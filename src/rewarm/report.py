@@ -72,7 +72,8 @@ def plot_lrs(runs: list[RunData], out: Path) -> Path:
 
 
 def plot_tradeoff(runs: list[RunData], out: Path) -> Path | None:
-    pts = [(r.name, r.forgetting(), r.adaptation()) for r in runs]
+    # a from-scratch run never knew the upstream data: its "forgetting" means nothing
+    pts = [(r.name, r.forgetting(), r.adaptation()) for r in runs if r.config.get("init") != "scratch"]
     pts = [p for p in pts if p[1] is not None and p[2] is not None]
     if not pts:
         return None

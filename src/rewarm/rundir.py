@@ -32,7 +32,14 @@ class RunDir:
 
     def acquire_lock(self) -> None:
         """One process per run directory; a lock left by a dead process is taken over."""
-        self.path.mkdir(parents=True, exist_ok=True)
+        try:
+            self.path.mkdir(parents=True, exist_ok=True)
+            probe = self.path / f".write-test-{os.getpid()}"
+            probe.write_text("")
+            probe.unlink()
+        except OSError as exc:
+            raise UserError(f"cannot write the run directory {self.path}: {exc.strerror or exc}. "
+                            f"Choose a writable `out_dir`.") from None
         if self.lock.exists():
             try:
                 pid = int(self.lock.read_text().strip() or 0)
@@ -57,10 +64,11 @@ class RunDir:
         return list(iter_metrics(self.metrics))
 
     def truncate_metrics_after(self, step: int) -> None:
-        """On resume: drop events logged after the checkpoint's step (they will be redone)."""
+        """On resume / rollback: drop events logged after the checkpoint's step (they will be
+        redone), keeping rollback events as the run's history."""
         if not self.metrics.exists():
             return
-        kept = [e for e in iter_metrics(self.metrics) if e.get("step", 0) <= step]
+        kept = [e for e in iter_metrics(self.metrics) if e.get("step", 0) <= step or e.get("event") == "rollback"]
         tmp = self.metrics.with_name(f".{self.metrics.name}.tmp-{os.getpid()}")
         with open(tmp, "w") as fh:
             for e in kept:
@@ -97,8 +105,14 @@ class MetricsWriter:
     """Append one JSON object per line, flushed at once so a crash loses at most the line being written."""
 
     def __init__(self, path: Path, enabled: bool = True):
+        self.path = path
         self.enabled = enabled
         self._fh = open(path, "a") if enabled else None
+
+    def reopen(self) -> None:
+        """After the file was rewritten (truncated on rollback), append to the new one."""
+        self.close()
+        self._fh = open(self.path, "a") if self.enabled else None
 
     def write(self, event: dict[str, Any]) -> None:
         if self._fh:

@@ -47,6 +47,8 @@ class RunState:
     start_info: dict
     step: int = 0
     bad_steps: int = 0
+    lr_scale: float = 1.0
+    last_rollback_to: int | None = None
     rank: int = 0
     world: int = 1
     last_logged_step: int = 0
@@ -187,12 +189,13 @@ def prepare_run(cfg: RunConfig, run: RunDir, *, overwrite: bool = False, allow_c
         betas=tuple(cfg.optimizer.betas), eps=cfg.optimizer.eps, foreach=True,
     )
 
-    step, bad_steps = 0, 0
+    step, bad_steps, lr_scale = 0, 0, 1.0
     optimizer_from = "fresh"
     if resume_from:
         opt.load_state_dict(resume_state["optimizer"])
         torch.set_rng_state(resume_state["torch_rng"])
         step, bad_steps = int(resume_state["step"]), int(resume_state.get("bad_steps", 0))
+        lr_scale = float(resume_state.get("lr_scale", 1.0))
         run.truncate_metrics_after(step)
         optimizer_from = str(resume_from)
         log.info("resuming %s from step %d (%s)", run.path, step, resume_from)
@@ -231,4 +234,5 @@ def prepare_run(cfg: RunConfig, run: RunDir, *, overwrite: bool = False, allow_c
              cfg.train.max_steps, start_info["tokens_per_step"], cfg.schedule.name, step)
     return RunState(cfg=cfg, model=model, optimizer=opt, tokenizer=tokenizer, mixture=mixture,
                     eval_sets=eval_sets, schedule=build_schedule(cfg.schedule, cfg.train.max_steps),
-                    device=device, start_info=start_info, step=step, bad_steps=bad_steps, last_logged_step=step)
+                    device=device, start_info=start_info, step=step, bad_steps=bad_steps, lr_scale=lr_scale,
+                    last_logged_step=step)

@@ -26,6 +26,15 @@ log = logging.getLogger(__name__)
 PREEMPTED_EXIT = 143  # 128 + SIGTERM: "stopped on request; resume with init: resume"
 
 
+DIVERGED_EXIT = 3
+
+
+class Diverged(Exception):
+    """Too many non-finite steps in a row (and no rollback left to try)."""
+
+    exit_code = DIVERGED_EXIT
+
+
 class Preempted(Exception):
     """SIGTERM/SIGINT arrived: a checkpoint was written; resume continues from it."""
 
@@ -53,6 +62,7 @@ def _loop(cfg: RunConfig, run: RunDir, st: RunState, stop: "_StopOnSignal", prog
     metrics = MetricsWriter(run.metrics)
     params = [p for p in model.parameters() if p.requires_grad]
     step = st.step
+    bad_in_row = 0
 
     def due(every: int) -> bool:
         return every > 0 and step % every == 0
@@ -71,6 +81,7 @@ def _loop(cfg: RunConfig, run: RunDir, st: RunState, stop: "_StopOnSignal", prog
             "optimizer": opt.state_dict(),
             "torch_rng": torch.get_rng_state(),
             "bad_steps": st.bad_steps,
+            "lr_scale": st.lr_scale,
         }
         checkpoint.save(run.checkpoints, step, model, st.tokenizer, trainer_state)
         checkpoint.prune(run.checkpoints, cfg.checkpoint.keep_last, set(cfg.checkpoint.keep_steps))
@@ -82,7 +93,7 @@ def _loop(cfg: RunConfig, run: RunDir, st: RunState, stop: "_StopOnSignal", prog
     model.train()
     clock = time.perf_counter()
     while step < t.max_steps:
-        lr = st.schedule(step)
+        lr = st.schedule(step) * st.lr_scale
         for group in opt.param_groups:
             group["lr"] = lr
         windows, sources = st.mixture.batch(step, st.rank, st.world)
@@ -97,11 +108,18 @@ def _loop(cfg: RunConfig, run: RunDir, st: RunState, stop: "_StopOnSignal", prog
         grad_norm = float(torch.nn.utils.clip_grad_norm_(params, clip))
         if math.isfinite(loss_sum) and math.isfinite(grad_norm):
             opt.step()
+            bad_in_row = 0
         else:
             st.bad_steps += 1
+            bad_in_row += 1
             log.warning("step %d: non-finite loss/grad norm (%s / %s); update skipped", step + 1, loss_sum, grad_norm)
         opt.zero_grad(set_to_none=True)
         step += 1
+        if bad_in_row > t.max_bad_steps:
+            step = _on_divergence(cfg, run, st, metrics, step, bad_in_row)
+            bad_in_row = 0
+            clock = time.perf_counter()
+            continue
 
         if due(t.log_interval) or step == t.max_steps:
             now = time.perf_counter()
@@ -117,8 +135,8 @@ def _loop(cfg: RunConfig, run: RunDir, st: RunState, stop: "_StopOnSignal", prog
         eval_every = cfg.eval.interval_warmup if (cfg.eval.interval_warmup and step <= dense_end) else cfg.eval.interval
         if st.eval_sets and (due(eval_every) or step == t.max_steps):
             run_eval()
-        if due(cfg.checkpoint.interval) or step in cfg.checkpoint.keep_steps or step == t.max_steps:
-            save_checkpoint()
+        if bad_in_row == 0 and (due(cfg.checkpoint.interval) or step in cfg.checkpoint.keep_steps or step == t.max_steps):
+            save_checkpoint()  # never during a run of non-finite steps: rollback must find good weights
         if step % t.log_interval == 0:
             clock = time.perf_counter()  # throughput counts training steps only, not eval or saving
         if stop.requested and step < t.max_steps:
@@ -134,6 +152,35 @@ def _loop(cfg: RunConfig, run: RunDir, st: RunState, stop: "_StopOnSignal", prog
     bar.close()
     st.finish(run, metrics)
     metrics.close()
+
+
+def _on_divergence(cfg: RunConfig, run: RunDir, st: RunState, metrics: MetricsWriter, step: int, bad: int) -> int:
+    """Stop with a clear message, or roll back to the newest checkpoint with a lower LR."""
+    # each rollback goes strictly further back than the previous one
+    before = min(step, st.last_rollback_to) if st.last_rollback_to is not None else step
+    found = checkpoint.load_latest(run.checkpoints, before=before) if cfg.train.on_divergence == "rollback" else None
+    if found is None:
+        metrics.write({"event": "diverged", "step": step, "bad_in_row": bad})
+        metrics.close()
+        how = ("no checkpoint to roll back to" if cfg.train.on_divergence == "rollback"
+               else "set train.on_divergence=rollback to retry from the last checkpoint with a lower LR")
+        raise Diverged(
+            f"training diverged: {bad} non-finite steps in a row at step {step} ({st.bad_steps} in total); {how}. "
+            f"Lower schedule.max_lr or lengthen the warmup, then start again (or --resume from an earlier checkpoint)."
+        )
+    from rewarm.model import load_pretrained
+
+    path, state = found
+    st.model.load_state_dict(load_pretrained(str(path)).state_dict())
+    st.optimizer.load_state_dict(state["optimizer"])
+    st.lr_scale *= cfg.train.rollback_lr_factor
+    back_to = int(state["step"])
+    st.last_rollback_to = back_to
+    run.truncate_metrics_after(back_to)
+    metrics.reopen()
+    metrics.write({"event": "rollback", "step": back_to, "from_step": step, "lr_scale": st.lr_scale})
+    log.warning("diverged at step %d: rolled back to %s, LR scaled by %g", step, path, st.lr_scale)
+    return back_to
 
 
 class _StopOnSignal:
