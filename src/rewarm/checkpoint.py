@@ -59,7 +59,7 @@ def expected_size(model: torch.nn.Module) -> int:
     return int(weights * 3 * 1.1)
 
 
-def save(root: Path, step: int, model: torch.nn.Module, tokenizer, trainer_state: dict) -> Path:
+def save(root: Path, step: int, model: torch.nn.Module, tokenizer, trainer_state: dict, state_dict: dict | None = None) -> Path:
     """Write checkpoints/step_N atomically; returns its path. Checks free space first."""
     root.mkdir(parents=True, exist_ok=True)
     need, free = expected_size(model), shutil.disk_usage(root).free
@@ -71,7 +71,7 @@ def save(root: Path, step: int, model: torch.nn.Module, tokenizer, trainer_state
     tmp = root / f".{final.name}.tmp-{os.getpid()}"
     shutil.rmtree(tmp, ignore_errors=True)
     try:
-        model.save_pretrained(tmp, safe_serialization=True)
+        model.save_pretrained(tmp, safe_serialization=True, state_dict=state_dict)
         if tokenizer is not None:
             tokenizer.save_pretrained(tmp)
         torch.save(trainer_state, tmp / TRAINER_STATE)

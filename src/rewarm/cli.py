@@ -7,6 +7,7 @@ from __future__ import annotations
 import argparse
 import json
 import logging
+import os
 import sys
 from pathlib import Path
 
@@ -55,11 +56,20 @@ def _cmd_train(args: argparse.Namespace) -> int:
     from rewarm.config import load_config
     from rewarm.train import train
 
+    if args.nproc and args.nproc > 1 and "LOCAL_RANK" not in os.environ:
+        # re-launch this very command under torchrun, one process per rank
+        rest = [a for a in sys.argv[1:]]
+        i = rest.index("--nproc")
+        del rest[i : i + 2]
+        cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={args.nproc}", "-m", "rewarm", *rest]
+        os.execv(sys.executable, cmd)
     overrides = list(args.set or [])
     if args.resume:
         overrides.append("init=resume")
     cfg = load_config(args.config, overrides)
     run = train(cfg, overwrite=args.overwrite, allow_config_change=args.allow_config_change, progress=not args.quiet)
+    if int(os.environ.get("RANK", "0")) != 0:
+        return 0
     summary = json.loads(run.summary.read_text())
     finals = "  ".join(f"{k} {v:.4f}" for k, v in summary["final"].items())
     print(f"run: {run.path}  summary: {run.summary}  final/: {run.final}" + (f"\nfinal eval loss: {finals}" if finals else ""))
@@ -173,6 +183,7 @@ def build_parser() -> argparse.ArgumentParser:
     tr.add_argument("--overwrite", action="store_true", help="delete an existing run in out_dir and start again")
     tr.add_argument("--allow-config-change", action="store_true", help="resume even though the config changed")
     tr.add_argument("-q", "--quiet", action="store_true", help="no progress bar")
+    tr.add_argument("--nproc", type=int, default=0, help="launch N processes on this machine with torchrun (DDP/FSDP)")
     tr.set_defaults(func=_cmd_train)
 
     ev = sub.add_parser("eval", help="held-out loss of a saved model on prepared eval sets")

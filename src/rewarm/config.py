@@ -97,6 +97,7 @@ class TrainConfig:
     device: str = _f("auto", "auto | cpu | cuda")
     log_interval: int = _f(1, "write a train line to metrics.jsonl every N steps")
     num_threads: int = _f(0, "torch CPU threads (0 = torch's default)")
+    compile: bool = _f(False, "wrap the model with torch.compile")
     max_bad_steps: int = _f(5, "non-finite loss / grad-norm steps in a row (each skipped) before on_divergence acts")
     on_divergence: str = _f("stop", "stop | rollback (reload the last checkpoint and scale the LR by rollback_lr_factor)")
     rollback_lr_factor: float = _f(0.5, "LR multiplier applied at each rollback")
@@ -119,6 +120,12 @@ class CheckpointConfig:
 
 
 @dataclass
+class DistributedConfig:
+    strategy: str = _f("ddp", "ddp | fsdp (FSDP2 fully_shard per transformer block); used when launched with torchrun")
+    cpu_offload: bool = _f(False, "fsdp: keep parameters and optimizer state on the CPU")
+
+
+@dataclass
 class RunConfig:
     out_dir: str = _f("runs/run", "run directory (created; holds config, metrics, checkpoints, final/)")
     seed: int = _f(0, "seed for weights init and the data stream")
@@ -131,6 +138,7 @@ class RunConfig:
     optimizer: OptimizerConfig = _f(OptimizerConfig(), "AdamW settings")
     eval: EvalConfig = _f(EvalConfig(), "held-out evaluation")
     checkpoint: CheckpointConfig = _f(CheckpointConfig(), "checkpointing")
+    distributed: DistributedConfig = _f(DistributedConfig(), "multi-process training")
 
 
 CHOICES = {
@@ -138,6 +146,7 @@ CHOICES = {
     "train.precision": ("fp32", "bf16", "fp16"),
     "train.device": ("auto", "cpu", "cuda"),
     "train.on_divergence": ("stop", "rollback"),
+    "distributed.strategy": ("ddp", "fsdp"),
     "optimizer.state": ("fresh", "from_checkpoint"),
     "schedule.decay_shape": ("linear", "1-sqrt", "cosine"),
     "schedule.cooldown_shape": ("cosine", "inv_sqrt"),
@@ -302,7 +311,7 @@ def validate(cfg: RunConfig) -> None:
     if t.global_batch % t.micro_batch:
         raise UserError(
             f"`train.global_batch` ({t.global_batch}) is not divisible by `train.micro_batch` "
-            f"({t.micro_batch}) x world size (1). Pick a micro_batch that divides the global batch."
+            f"({t.micro_batch}) x world size. Pick a micro_batch that divides the global batch."
         )
     if s.max_lr < 0 or s.min_lr < 0 or s.warmup_start_lr < 0:
         raise UserError("learning rates must be >= 0 (`schedule.max_lr`, `min_lr`, `warmup_start_lr`).")

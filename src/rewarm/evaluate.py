@@ -64,19 +64,26 @@ def lm_loss(model: torch.nn.Module, windows: torch.Tensor, reduction: str = "mea
 
 @torch.no_grad()
 def evaluate(model: torch.nn.Module, eval_sets: list[EvalSet], batch_size: int = 8,
-             device: torch.device | None = None, precision: str = "fp32") -> dict[str, dict[str, float]]:
-    """{name: {loss, ppl, tokens}} for each eval set; the model is put back in its previous mode."""
+             device: torch.device | None = None, precision: str = "fp32", *,
+             rank: int = 0, world: int = 1, reduce=None) -> dict[str, dict[str, float]]:
+    """{name: {loss, ppl, tokens}} for each eval set; the model is put back in its previous mode.
+    With world > 1 this rank scores windows rank, rank + world, ... and `reduce` sums
+    [loss_sum, count] over ranks, so every rank returns the numbers of the whole set."""
     device = device or next(model.parameters()).device
     was_training = model.training
     model.eval()
     out = {}
     for es in eval_sets:
         total, count = 0.0, 0
-        for i in range(0, es.windows.shape[0], batch_size):
-            batch = es.windows[i : i + batch_size].to(device)
+        mine = es.windows[rank::world]
+        for i in range(0, mine.shape[0], batch_size):
+            batch = mine[i : i + batch_size].to(device)
             with autocast(device, precision):
                 total += lm_loss(model, batch, reduction="sum").item()
             count += batch.shape[0] * (batch.shape[1] - 1)
+        if reduce is not None:
+            total, count = reduce([total, float(count)])
+            count = int(count)
         loss = total / count
         out[es.name] = {"loss": loss, "ppl": math.exp(min(loss, 50.0)), "tokens": count}
     model.train(was_training)

@@ -119,12 +119,13 @@ def load_pretrained(path: str, revision: str | None = None, overrides: dict | No
     return model
 
 
-def save_model(model: torch.nn.Module, out_dir: str | Path, tokenizer=None) -> Path:
-    """Save as an HF directory (safetensors) under a temp name, then rename into place."""
+def save_model(model: torch.nn.Module, out_dir: str | Path, tokenizer=None, state_dict: dict | None = None) -> Path:
+    """Save as an HF directory (safetensors) under a temp name, then rename into place.
+    `state_dict` (a gathered full state) is saved instead of the module's own when given."""
     out = Path(out_dir)
     tmp = out.with_name(f".{out.name}.tmp-{os.getpid()}")
     shutil.rmtree(tmp, ignore_errors=True)
-    model.save_pretrained(tmp, safe_serialization=True)
+    model.save_pretrained(tmp, safe_serialization=True, state_dict=state_dict)
     if tokenizer is not None:
         tokenizer.save_pretrained(tmp)
     if out.exists():

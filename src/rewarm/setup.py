@@ -17,7 +17,8 @@ from typing import Any, Callable
 import torch
 import yaml
 
-from rewarm import checkpoint
+from rewarm import checkpoint, distributed
+from rewarm.distributed import Dist
 from rewarm.config import RunConfig, config_from_dict, dump_yaml, to_dict
 from rewarm.data.mixture import Mixture, Source
 from rewarm.data.shards import TokenShards
@@ -31,13 +32,16 @@ from rewarm.tokenizer import fingerprint, load_tokenizer
 log = logging.getLogger(__name__)
 
 # Keys that may change between a run and its resumption without changing its numbers.
-RESUME_SAFE_KEYS = {"init", "train.log_interval", "train.device", "train.num_threads", "checkpoint.interval", "checkpoint.keep_last"}
+RESUME_SAFE_KEYS = {"init", "train.log_interval", "train.device", "train.num_threads", "train.compile",
+                    "checkpoint.interval", "checkpoint.keep_last", "distributed.strategy", "distributed.cpu_offload"}
 
 
 @dataclass
 class RunState:
     cfg: RunConfig
-    model: torch.nn.Module
+    model: torch.nn.Module  # what the loop calls: wrapped for DDP/FSDP, maybe compiled
+    raw_model: torch.nn.Module  # the HF module (for save_pretrained, config)
+    dist: Dist
     optimizer: torch.optim.Optimizer
     tokenizer: Any
     mixture: Mixture
@@ -49,21 +53,18 @@ class RunState:
     bad_steps: int = 0
     lr_scale: float = 1.0
     last_rollback_to: int | None = None
-    rank: int = 0
-    world: int = 1
     last_logged_step: int = 0
     started: float = field(default_factory=time.time)
-    evals: list = field(default_factory=list)
 
     def start_event(self) -> dict:
         return {"event": "start", "step": self.step, **self.start_info}
 
-    def record_eval(self, step: int, results: dict) -> None:
-        self.evals.append((step, results))
-
     def finish(self, run: RunDir, metrics: MetricsWriter) -> None:
-        """Write final/ (HF model + tokenizer) and then summary.json, both atomically."""
-        save_model(self.model, run.final, self.tokenizer)
+        """Write final/ (HF model + tokenizer) and then summary.json, both atomically (rank 0)."""
+        model_sd, _ = distributed.full_state(self.model, self.optimizer, self.dist)  # collective under FSDP
+        if not self.dist.is_main:
+            return
+        save_model(self.raw_model, run.final, self.tokenizer, state_dict=model_sd)
         evals = [(e["step"], e["sets"]) for e in run.read_metrics() if e.get("event") == "eval"]
         summary: dict[str, Any] = {
             "status": "completed",
@@ -117,11 +118,18 @@ def _param_groups(model: torch.nn.Module, weight_decay: float) -> list[dict]:
     return [{"params": decay, "weight_decay": weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
 
 
-def prepare_run(cfg: RunConfig, run: RunDir, *, overwrite: bool = False, allow_config_change: bool = False) -> RunState:
+def prepare_run(cfg: RunConfig, run: RunDir, d: Dist, *, overwrite: bool = False, allow_config_change: bool = False) -> RunState:
     torch.manual_seed(cfg.seed)
     if cfg.train.num_threads:
         torch.set_num_threads(cfg.train.num_threads)
     device = _resolve_device(cfg.train.device)
+    if device.type == "cuda":
+        device = torch.device("cuda", d.local_rank)
+    if cfg.train.global_batch % (cfg.train.micro_batch * d.world):
+        raise UserError(
+            f"`train.global_batch` ({cfg.train.global_batch}) is not divisible by `train.micro_batch` "
+            f"({cfg.train.micro_batch}) x world size ({d.world}). Pick a micro_batch that divides global_batch / world size."
+        )
     if cfg.train.precision == "fp16" and device.type != "cuda":
         raise UserError("`train.precision: fp16` needs a CUDA device (it uses a grad scaler); use bf16 or fp32 on CPU.")
     if cfg.checkpoint.keep_last < 1:
@@ -139,7 +147,7 @@ def prepare_run(cfg: RunConfig, run: RunDir, *, overwrite: bool = False, allow_c
         resume_from, resume_state = found
         if run.config.exists():
             _check_drift(yaml.safe_load(run.config.read_text()), to_dict(cfg), allow_config_change)
-    elif run.has_started():
+    elif run.has_started() and d.is_main:
         if not overwrite:
             raise UserError(
                 f"run directory {run.path} already holds a run. Resume it with `--resume` (init: resume), "
@@ -173,6 +181,7 @@ def prepare_run(cfg: RunConfig, run: RunDir, *, overwrite: bool = False, allow_c
         check_vocab(model.config.vocab_size, len(tokenizer))
         origin = path + (f"@{revision}" if revision else "")
     model.to(device)
+    raw_model = model
     vocab = model.config.vocab_size
     max_pos = getattr(model.config, "max_position_embeddings", None)
     if max_pos is not None and cfg.train.seq_len > max_pos:
@@ -184,6 +193,8 @@ def prepare_run(cfg: RunConfig, run: RunDir, *, overwrite: bool = False, allow_c
 
     mixture = Mixture(sources, cfg.train.seq_len, cfg.train.global_batch, cfg.seed)
     eval_sets = [EvalSet.from_shards(name, sh, cfg.train.seq_len, cfg.eval.tokens) for name, sh in eval_shards]
+    d.barrier()  # rank 0 has cleaned an --overwrite'd run directory
+    model = distributed.wrap(model, d, cfg.distributed.strategy, device, cfg.distributed.cpu_offload)
     opt = torch.optim.AdamW(
         _param_groups(model, cfg.optimizer.weight_decay), lr=cfg.schedule.max_lr,
         betas=tuple(cfg.optimizer.betas), eps=cfg.optimizer.eps, foreach=True,
@@ -192,11 +203,12 @@ def prepare_run(cfg: RunConfig, run: RunDir, *, overwrite: bool = False, allow_c
     step, bad_steps, lr_scale = 0, 0, 1.0
     optimizer_from = "fresh"
     if resume_from:
-        opt.load_state_dict(resume_state["optimizer"])
+        distributed.load_optimizer_state(model, opt, resume_state["optimizer"], d)
         torch.set_rng_state(resume_state["torch_rng"])
         step, bad_steps = int(resume_state["step"]), int(resume_state.get("bad_steps", 0))
         lr_scale = float(resume_state.get("lr_scale", 1.0))
-        run.truncate_metrics_after(step)
+        if d.is_main:
+            run.truncate_metrics_after(step)
         optimizer_from = str(resume_from)
         log.info("resuming %s from step %d (%s)", run.path, step, resume_from)
     elif cfg.init == "weights" and cfg.optimizer.state == "from_checkpoint":
@@ -204,7 +216,7 @@ def prepare_run(cfg: RunConfig, run: RunDir, *, overwrite: bool = False, allow_c
         if not state_file.is_file():
             raise UserError(f"`optimizer.state: from_checkpoint` but {state_file} does not exist: only rewarm "
                             f"checkpoints (checkpoints/step_N) carry optimizer state. Use `optimizer.state: fresh`.")
-        opt.load_state_dict(checkpoint.load_trainer_state(Path(cfg.model.path))["optimizer"])
+        distributed.load_optimizer_state(model, opt, checkpoint.load_trainer_state(Path(cfg.model.path))["optimizer"], d)
         optimizer_from = cfg.model.path
     if cfg.init == "weights":
         log.warning(
@@ -212,7 +224,7 @@ def prepare_run(cfg: RunConfig, run: RunDir, *, overwrite: bool = False, allow_c
             origin, "moments from the checkpoint" if optimizer_from != "fresh" else "fresh",
         )
 
-    if not resume_from:
+    if not resume_from and d.is_main:
         run.path.mkdir(parents=True, exist_ok=True)
         checkpoint_text = dump_yaml(cfg)
         tmp = run.config.with_name(".config.yaml.tmp")
@@ -220,19 +232,22 @@ def prepare_run(cfg: RunConfig, run: RunDir, *, overwrite: bool = False, allow_c
         tmp.replace(run.config)
         config_from_dict(yaml.safe_load(checkpoint_text))  # the saved file must load back as it is
 
-    n_params = count_params(model)
+    n_params = count_params(raw_model)
     start_info = {
         "init": cfg.init, "model_from": origin, "optimizer_from": optimizer_from,
-        "params": n_params, "params_non_embedding": count_params(model, exclude_embeddings=True),
+        "params": n_params, "params_non_embedding": count_params(raw_model, exclude_embeddings=True),
         "vocab_size": vocab, "tokenizer_fingerprint": tok_fp, "device": str(device),
         "tokens_per_step": cfg.train.global_batch * cfg.train.seq_len,
         "total_tokens": cfg.train.max_steps * cfg.train.global_batch * cfg.train.seq_len,
         "source_shares": {s.name: float(w) for s, w in zip(sources, mixture.shares)},
         "eval_tokens": {e.name: e.tokens for e in eval_sets},
+        "world_size": d.world, "strategy": cfg.distributed.strategy if d.active else "single",
+        "precision": cfg.train.precision,
     }
     log.info("%s: %s params, %d steps x %d tokens, lr %s from step %d", run.path, f"{n_params:,}",
              cfg.train.max_steps, start_info["tokens_per_step"], cfg.schedule.name, step)
-    return RunState(cfg=cfg, model=model, optimizer=opt, tokenizer=tokenizer, mixture=mixture,
+    d.barrier()
+    return RunState(cfg=cfg, model=model, raw_model=raw_model, dist=d, optimizer=opt, tokenizer=tokenizer, mixture=mixture,
                     eval_sets=eval_sets, schedule=build_schedule(cfg.schedule, cfg.train.max_steps),
                     device=device, start_info=start_info, step=step, bad_steps=bad_steps, lr_scale=lr_scale,
                     last_logged_step=step)

@@ -14,7 +14,7 @@ import time
 import torch
 from tqdm import tqdm
 
-from rewarm import checkpoint
+from rewarm import checkpoint, distributed
 from rewarm.config import RunConfig
 from rewarm.evaluate import autocast, evaluate, lm_loss
 from rewarm.rundir import MetricsWriter, RunDir
@@ -42,25 +42,36 @@ class Preempted(Exception):
 
 
 def train(cfg: RunConfig, *, overwrite: bool = False, allow_config_change: bool = False, progress: bool = True) -> RunDir:
-    """Run (or resume) the job described by `cfg`; returns its run directory."""
+    """Run (or resume) the job described by `cfg`; returns its run directory.
+    Under torchrun every rank calls this; only rank 0 writes to the run directory."""
     run = RunDir(cfg.out_dir)
-    run.acquire_lock()
+    d = distributed.setup(_device_kind(cfg.train.device))
+    if d.is_main:
+        run.acquire_lock()
     try:
         with _StopOnSignal() as stop:
-            state = prepare_run(cfg, run, overwrite=overwrite, allow_config_change=allow_config_change)
-            _loop(cfg, run, state, stop, progress)
+            state = prepare_run(cfg, run, d, overwrite=overwrite, allow_config_change=allow_config_change)
+            _loop(cfg, run, state, stop, progress and d.is_main)
     finally:
-        run.release_lock()
+        if d.is_main:
+            run.release_lock()
+        distributed.teardown()
     return run
 
 
+def _device_kind(name: str) -> str:
+    return "cuda" if name == "cuda" or (name == "auto" and torch.cuda.is_available()) else "cpu"
+
+
 def _loop(cfg: RunConfig, run: RunDir, st: RunState, stop: "_StopOnSignal", progress: bool) -> None:
-    t, model, opt = cfg.train, st.model, st.optimizer
-    accum = t.global_batch // t.micro_batch
+    t, model, opt, d = cfg.train, st.model, st.optimizer, st.dist
+    accum = t.global_batch // (t.micro_batch * d.world)
     tokens_per_step = t.global_batch * t.seq_len
     dense_end = warmup_steps(cfg.eval.dense_until or cfg.schedule.warmup, t.max_steps)
-    metrics = MetricsWriter(run.metrics)
+    metrics = MetricsWriter(run.metrics, enabled=d.is_main)
     params = [p for p in model.parameters() if p.requires_grad]
+    scaler = torch.amp.GradScaler("cuda") if t.precision == "fp16" else None
+    forward = torch.compile(model) if t.compile else model
     step = st.step
     bad_in_row = 0
 
@@ -68,23 +79,31 @@ def _loop(cfg: RunConfig, run: RunDir, st: RunState, stop: "_StopOnSignal", prog
         return every > 0 and step % every == 0
 
     def run_eval() -> None:
-        results = evaluate(model, st.eval_sets, cfg.eval.batch, st.device, t.precision)
+        # DDP: each rank scores its share of windows on the plain module; FSDP: all ranks score all
+        sharded = d.active and d.strategy == "ddp"
+        results = evaluate(distributed.unwrap(model) if sharded else model, st.eval_sets, cfg.eval.batch, st.device,
+                           t.precision, rank=d.rank if sharded else 0, world=d.world if sharded else 1,
+                           reduce=(lambda xs: d.sum(xs, st.device)) if sharded else None)
         metrics.write({"event": "eval", "step": step, "tokens": step * tokens_per_step, "sets": results})
-        st.record_eval(step, results)
-        line = "  ".join(f"{name} {r['loss']:.4f} (ppl {r['ppl']:.1f})" for name, r in results.items())
-        tqdm.write(f"eval @ step {step:>6} | {line}")
+        if d.is_main:
+            line = "  ".join(f"{name} {r['loss']:.4f} (ppl {r['ppl']:.1f})" for name, r in results.items())
+            tqdm.write(f"eval @ step {step:>6} | {line}")
 
     def save_checkpoint() -> None:
-        trainer_state = {
-            "step": step,
-            "tokens": step * tokens_per_step,
-            "optimizer": opt.state_dict(),
-            "torch_rng": torch.get_rng_state(),
-            "bad_steps": st.bad_steps,
-            "lr_scale": st.lr_scale,
-        }
-        checkpoint.save(run.checkpoints, step, model, st.tokenizer, trainer_state)
-        checkpoint.prune(run.checkpoints, cfg.checkpoint.keep_last, set(cfg.checkpoint.keep_steps))
+        model_sd, optim_sd = distributed.full_state(model, opt, d)  # a collective under FSDP
+        if d.is_main:
+            trainer_state = {
+                "step": step,
+                "tokens": step * tokens_per_step,
+                "optimizer": optim_sd,
+                "torch_rng": torch.get_rng_state(),
+                "bad_steps": st.bad_steps,
+                "lr_scale": st.lr_scale,
+                "world_size": d.world,
+            }
+            checkpoint.save(run.checkpoints, step, st.raw_model, st.tokenizer, trainer_state, state_dict=model_sd)
+            checkpoint.prune(run.checkpoints, cfg.checkpoint.keep_last, set(cfg.checkpoint.keep_steps))
+        d.barrier()
 
     metrics.write(st.start_event())
     if step == 0 and st.eval_sets:
@@ -96,18 +115,27 @@ def _loop(cfg: RunConfig, run: RunDir, st: RunState, stop: "_StopOnSignal", prog
         lr = st.schedule(step) * st.lr_scale
         for group in opt.param_groups:
             group["lr"] = lr
-        windows, sources = st.mixture.batch(step, st.rank, st.world)
-        batch = torch.from_numpy(windows)
+        windows, _ = st.mixture.batch(step, d.rank, d.world)
+        micro_batches = torch.from_numpy(windows).split(t.micro_batch)
         loss_sum = 0.0
-        for micro in batch.split(t.micro_batch):
-            with autocast(st.device, t.precision):
-                loss = lm_loss(model, micro.to(st.device, non_blocking=True)) / accum
-            loss.backward()
+        for i, micro in enumerate(micro_batches):
+            with distributed.set_grad_sync(model, d, sync=i == len(micro_batches) - 1):
+                with autocast(st.device, t.precision):
+                    loss = lm_loss(forward, micro.to(st.device, non_blocking=True)) / accum
+                (scaler.scale(loss) if scaler else loss).backward()
             loss_sum += loss.item()
+        loss_sum = d.mean(loss_sum, st.device)  # every rank sees (and agrees on) the global loss
+        if scaler:
+            scaler.unscale_(opt)
         clip = cfg.optimizer.grad_clip if cfg.optimizer.grad_clip > 0 else math.inf
-        grad_norm = float(torch.nn.utils.clip_grad_norm_(params, clip))
+        norm = torch.nn.utils.clip_grad_norm_(params, clip)
+        grad_norm = float(norm.full_tensor() if hasattr(norm, "full_tensor") else norm)
         if math.isfinite(loss_sum) and math.isfinite(grad_norm):
-            opt.step()
+            if scaler:
+                scaler.step(opt)
+                scaler.update()
+            else:
+                opt.step()
             bad_in_row = 0
         else:
             st.bad_steps += 1
@@ -135,18 +163,21 @@ def _loop(cfg: RunConfig, run: RunDir, st: RunState, stop: "_StopOnSignal", prog
         eval_every = cfg.eval.interval_warmup if (cfg.eval.interval_warmup and step <= dense_end) else cfg.eval.interval
         if st.eval_sets and (due(eval_every) or step == t.max_steps):
             run_eval()
-        if bad_in_row == 0 and (due(cfg.checkpoint.interval) or step in cfg.checkpoint.keep_steps or step == t.max_steps):
+        saved = bad_in_row == 0 and (due(cfg.checkpoint.interval) or step in cfg.checkpoint.keep_steps or step == t.max_steps)
+        if saved:
             save_checkpoint()  # never during a run of non-finite steps: rollback must find good weights
         if step % t.log_interval == 0:
             clock = time.perf_counter()  # throughput counts training steps only, not eval or saving
-        if stop.requested and step < t.max_steps:
-            if not (due(cfg.checkpoint.interval) or step in cfg.checkpoint.keep_steps):
+        requested = d.any(stop.requested is not None, st.device)  # all ranks stop together
+        if requested and step < t.max_steps:
+            if not saved:
                 save_checkpoint()
             bar.close()
-            metrics.write({"event": "preempted", "step": step, "signal": stop.requested})
+            signame = stop.requested or "a signal on another rank"
+            metrics.write({"event": "preempted", "step": step, "signal": signame})
             metrics.close()
             raise Preempted(
-                f"stopped by {stop.requested} after step {step}; checkpoint saved. "
+                f"stopped by {signame} after step {step}; checkpoint saved. "
                 f"Resume with: rewarm train {run.config} --resume"
             )
     bar.close()
@@ -171,13 +202,19 @@ def _on_divergence(cfg: RunConfig, run: RunDir, st: RunState, metrics: MetricsWr
     from rewarm.model import load_pretrained
 
     path, state = found
-    st.model.load_state_dict(load_pretrained(str(path)).state_dict())
-    st.optimizer.load_state_dict(state["optimizer"])
+    if st.dist.active and st.dist.strategy == "fsdp":
+        from torch.distributed.checkpoint.state_dict import StateDictOptions, set_model_state_dict
+
+        set_model_state_dict(st.model, load_pretrained(str(path)).state_dict(), options=StateDictOptions(full_state_dict=True))
+    else:
+        st.raw_model.load_state_dict(load_pretrained(str(path)).state_dict())
+    distributed.load_optimizer_state(st.model, st.optimizer, state["optimizer"], st.dist)
     st.lr_scale *= cfg.train.rollback_lr_factor
     back_to = int(state["step"])
     st.last_rollback_to = back_to
-    run.truncate_metrics_after(back_to)
-    metrics.reopen()
+    if st.dist.is_main:
+        run.truncate_metrics_after(back_to)
+        metrics.reopen()
     metrics.write({"event": "rollback", "step": back_to, "from_step": step, "lr_scale": st.lr_scale})
     log.warning("diverged at step %d: rolled back to %s, LR scaled by %g", step, path, st.lr_scale)
     return back_to
