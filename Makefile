@@ -33,3 +33,8 @@ test-all: setup
 
 clean:
 	rm -rf demo_out .pytest_cache
+
+# Benchmarks (not part of `make test`): tables of ratios measured in one process.
+bench: setup
+	@$(PY) -c "import accelerate" 2>/dev/null || $(PY) -m pip install -q accelerate
+	$(PY) benchmarks/bench.py

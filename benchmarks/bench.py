@@ -1,0 +1,292 @@
+"""rewarm benchmarks: ratios against baselines measured in this same process, on this machine.
+
+    python benchmarks/bench.py [--quick]          (what `make bench` runs)
+
+1. training throughput and MFU: rewarm's trainer vs a bare PyTorch loop vs transformers.Trainer
+2. bf16 autocast and torch.compile, as ratios to fp32 eager (rewarm's trainer)
+3. data preparation: `rewarm prepare` vs datasets.map(batched=True); peak RSS at 1x and 4x corpus
+4. evaluation throughput vs the bare loop's forward
+5. data-loader share of the training step
+
+Each number is the median over measured steps after warm-up. MFU = model FLOPs / measured
+dense-GEMM peak of this machine in the same precision, with model FLOPs per token =
+6 * N_matmul + 12 * n_layers * d_model * seq_len  (N_matmul: parameters of all matrix
+multiplies, i.e. everything but the input embedding and norms; the second term is attention).
+Token ids come from a real 8k BPE over real text; for the vocab-50304 rows the same ids feed
+a model with a 50304-wide head (the cost depends on the model's vocab, not on the ids).
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+
+from rewarm import corpora
+from rewarm.config import config_from_dict
+from rewarm.data.prepare import prepare
+from rewarm.data.sources import ReadStats, file_documents
+from rewarm.data.mixture import Mixture, Source
+from rewarm.data.shards import TokenShards
+from rewarm.evaluate import EvalSet, evaluate
+from rewarm.model import build_config, init_scratch
+from rewarm.tokenizer import load_tokenizer, train_tokenizer
+from rewarm.train import train
+
+SHAPES = {
+    "tiny": {},
+    "pythia-14m": {"num_hidden_layers": 6},  # tiny's width (128) with Pythia-14m's depth
+}
+
+
+def gemm_peak(dtype: torch.dtype, n: int = 2048, reps: int = 5) -> float:
+    a, b = torch.randn(n, n, dtype=dtype), torch.randn(n, n, dtype=dtype)
+    torch.mm(a, b)
+    times = []
+    for _ in range(reps):
+        t = time.perf_counter()
+        torch.mm(a, b)
+        times.append(time.perf_counter() - t)
+    return 2 * n**3 / statistics.median(times)
+
+
+def flops_per_token(model: torch.nn.Module, seq_len: int) -> float:
+    cfg = model.config
+    n = sum(p.numel() for name, p in model.named_parameters() if p.dim() >= 2 and "embed_in" not in name)
+    return 6 * n + 12 * cfg.num_hidden_layers * cfg.hidden_size * seq_len
+
+
+def model_config(shape: str, vocab: int):
+    over = dict(SHAPES[shape])
+    return build_config("tiny", None, over, vocab, vocab, 0)
+
+
+def bare_loop(shape, vocab, seq, batch, windows, steps, precision="fp32"):
+    model = init_scratch(model_config(shape, vocab), 0)
+    opt = torch.optim.AdamW(model.parameters(), lr=1e-4, foreach=True)
+    times = []
+    for i in range(steps + 2):
+        x = torch.from_numpy(windows[i % len(windows)])
+        t = time.perf_counter()
+        ctx = torch.autocast("cpu", dtype=torch.bfloat16) if precision == "bf16" else torch.autocast("cpu", enabled=False)
+        with ctx:
+            logits = model(input_ids=x[:, :-1]).logits
+            loss = F.cross_entropy(logits.reshape(-1, logits.size(-1)).float(), x[:, 1:].reshape(-1))
+        loss.backward()
+        opt.step()
+        opt.zero_grad(set_to_none=True)
+        times.append(time.perf_counter() - t)
+    return batch * seq / statistics.median(times[2:]), model
+
+
+def hf_trainer(shape, vocab, seq, batch, windows, steps):
+    from datasets import Dataset
+    from transformers import Trainer, TrainerCallback, TrainingArguments
+
+    model = init_scratch(model_config(shape, vocab), 0)
+    rows = np.concatenate(windows)[: batch * (steps + 2)]
+    ds = Dataset.from_dict({"input_ids": rows[:, :-1].tolist(), "labels": rows[:, :-1].tolist()})
+    times: list[float] = []
+
+    class Timer(TrainerCallback):
+        def on_step_begin(self, args, state, control, **kw):
+            self.t = time.perf_counter()
+
+        def on_step_end(self, args, state, control, **kw):
+            times.append(time.perf_counter() - self.t)
+
+    with tempfile.TemporaryDirectory() as out:
+        args = TrainingArguments(output_dir=out, per_device_train_batch_size=batch, max_steps=steps + 2,
+                                 learning_rate=1e-4, report_to=[], save_strategy="no", logging_strategy="no",
+                                 use_cpu=True, dataloader_num_workers=0, disable_tqdm=True, weight_decay=0.1)
+        Trainer(model=model, args=args, train_dataset=ds, callbacks=[Timer()]).train()
+    return batch * seq / statistics.median(times[2:])
+
+
+def rewarm_trainer(shape, vocab, seq, batch, shards, steps, tmp, precision="fp32", compile_=False, name="r"):
+    over = dict(SHAPES[shape])
+    raw = {
+        "out_dir": str(Path(tmp) / f"{name}_{shape}_{vocab}_{seq}_{precision}_{compile_}"),
+        "model": {"preset": "tiny", "overrides": over, "vocab_size": vocab},
+        "data": {"train": [{"name": "code", "path": str(shards)}]},
+        "train": {"seq_len": seq, "global_batch": batch, "micro_batch": batch, "max_steps": steps + 3,
+                  "precision": precision, "compile": compile_},
+        "schedule": {"name": "constant", "max_lr": 1e-4, "warmup": 0},
+        "eval": {"interval": 10**6},
+    }
+    run = train(config_from_dict(raw), progress=False, overwrite=True)
+    rows = [json.loads(line) for line in run.metrics.read_text().splitlines()]
+    tps = [r["tokens_per_s"] for r in rows if r["event"] == "train"][3:]
+    return statistics.median(tps)
+
+
+def table(title, header, rows):
+    print(f"\n## {title}\n")
+    print("| " + " | ".join(header) + " |")
+    print("|" + "---|" * len(header))
+    for r in rows:
+        print("| " + " | ".join(str(c) for c in r) + " |")
+    sys.stdout.flush()
+
+
+def section_train(tmp, shards, tok_vocab, quick):
+    steps = 4 if quick else 6
+    peak32 = gemm_peak(torch.float32)
+    peak16 = gemm_peak(torch.bfloat16)
+    print(f"measured dense GEMM peak (2048^2): fp32 {peak32 / 1e9:.0f} GFLOP/s, bf16 {peak16 / 1e9:.0f} GFLOP/s")
+    mix = Mixture([Source("code", TokenShards(shards), 1.0)], 1024, 8, 0)
+    rows = []
+    grid = [("tiny", 8192, 256)] if quick else [(s, v, q) for s in SHAPES for v in (8192, 50304) for q in (256, 1024)]
+    for shape, vocab, seq in grid:
+        batch = max(2048 // seq, 2) * 2
+        m = Mixture([Source("code", TokenShards(shards), 1.0)], seq, batch, 0)
+        windows = [m.batch(i)[0] for i in range(steps + 2)]
+        bare, model = bare_loop(shape, vocab, seq, batch, windows, steps)
+        ours = rewarm_trainer(shape, vocab, seq, batch, shards, steps, tmp)
+        hf = hf_trainer(shape, vocab, seq, batch, windows, steps)
+        mfu = ours * flops_per_token(model, seq) / peak32
+        rows.append([shape, vocab, seq, batch, f"{bare:,.0f}", f"{ours:,.0f}", f"{hf:,.0f}",
+                     f"{ours / bare:.2f}", f"{ours / hf:.2f}", f"{100 * mfu:.1f}%"])
+    table("1. Training throughput, fp32 eager (tokens/s)",
+          ["shape", "vocab", "seq", "batch", "bare loop", "rewarm", "HF Trainer", "rewarm / bare", "rewarm / HF", "rewarm MFU"], rows)
+    del mix
+
+    # 2. bf16 and compile on tiny / 8192 / 256
+    batch, seq = 16, 256
+    m = Mixture([Source("code", TokenShards(shards), 1.0)], seq, batch, 0)
+    base = rewarm_trainer("tiny", 8192, seq, batch, shards, steps, tmp)
+    bf16 = rewarm_trainer("tiny", 8192, seq, batch, shards, steps, tmp, precision="bf16")
+    comp = rewarm_trainer("tiny", 8192, seq, batch, shards, steps + 4, tmp, compile_=True)
+    comp16 = rewarm_trainer("tiny", 8192, seq, batch, shards, steps + 4, tmp, precision="bf16", compile_=True)
+    _, model = bare_loop("tiny", 8192, seq, batch, [m.batch(0)[0]] * 3, 1)
+    fpt = flops_per_token(model, seq)
+    table("2. Precision and compile (rewarm trainer, tiny, vocab 8192, seq 256, batch 16)",
+          ["configuration", "tokens/s", "ratio to fp32 eager", "MFU (vs same-precision peak)"],
+          [["fp32 eager", f"{base:,.0f}", "1.00", f"{100 * base * fpt / peak32:.1f}%"],
+           ["bf16 autocast", f"{bf16:,.0f}", f"{bf16 / base:.2f}", f"{100 * bf16 * fpt / peak16:.1f}%"],
+           ["fp32 + compile", f"{comp:,.0f}", f"{comp / base:.2f}", f"{100 * comp * fpt / peak32:.1f}%"],
+           ["bf16 + compile", f"{comp16:,.0f}", f"{comp16 / base:.2f}", f"{100 * comp16 * fpt / peak16:.1f}%"]])
+
+    # 4. evaluation vs the bare loop's forward
+    es = EvalSet.from_shards("code", TokenShards(shards), seq, 16 * seq * 8)
+    model.eval()
+    evaluate(model, [es], 16)
+    t = time.perf_counter()
+    evaluate(model, [es], 16)
+    ours = es.tokens / (time.perf_counter() - t)
+    with torch.no_grad():
+        t = time.perf_counter()
+        for i in range(0, es.windows.shape[0], 16):
+            x = es.windows[i : i + 16]
+            logits = model(input_ids=x[:, :-1]).logits
+            F.cross_entropy(logits.reshape(-1, logits.size(-1)), x[:, 1:].reshape(-1), reduction="sum").item()
+        bare_fwd = es.tokens / (time.perf_counter() - t)
+    table("4. Evaluation throughput (tiny, vocab 8192, seq 256)", ["rewarm evaluate", "bare forward + loss", "ratio"],
+          [[f"{ours:,.0f}", f"{bare_fwd:,.0f}", f"{ours / bare_fwd:.2f}"]])
+
+    # 5. data-loader share
+    t = time.perf_counter()
+    for i in range(50):
+        m.batch(1000 + i)
+    per_batch = (time.perf_counter() - t) / 50
+    step_time = batch * seq / base
+    table("5. Data-loader overhead (Mixture.batch per step)", ["batch build (ms)", "train step (ms)", "share"],
+          [[f"{per_batch * 1e3:.2f}", f"{step_time * 1e3:.0f}", f"{100 * per_batch / step_time:.2f}%"]])
+
+
+PEAK_RSS = """
+def peak_rss_kb():
+    for line in open("/proc/self/status"):
+        if line.startswith("VmHWM:"):
+            return int(line.split()[1])
+"""
+
+PREP_CHILD = PEAK_RSS + """
+import sys, time
+import transformers.models.auto.tokenization_auto  # imports are not part of the measurement
+from rewarm.data.prepare import prepare
+files = sys.argv[3:]
+t = time.perf_counter()
+meta = prepare(files, sys.argv[1], sys.argv[2], val_fraction=0.01, progress=False, overwrite=True)
+dt = time.perf_counter() - t
+print(meta["train"]["tokens"] + meta["val"]["tokens"], dt, peak_rss_kb())
+"""
+
+MAP_CHILD = PEAK_RSS + """
+import sys, time
+from datasets import Dataset
+from transformers import AutoTokenizer
+tok = AutoTokenizer.from_pretrained(sys.argv[1])
+docs = [open(f, encoding="utf-8", errors="replace").read() for f in sys.argv[2:]]
+ds = Dataset.from_dict({"text": docs})
+t = time.perf_counter()
+out = ds.map(lambda b: tok(b["text"]), batched=True, remove_columns=["text"])
+n = sum(len(x) for x in out["input_ids"])
+print(n, time.perf_counter() - t, peak_rss_kb())
+"""
+
+
+def section_prepare(tmp, tok_dir, quick):
+    files = [str(f) for f in corpora.python_stdlib(limit_bytes=3_000_000 if not quick else 1_000_000)]
+    # 4x corpus: four copies of the same files
+    import shutil
+
+    big = []
+    for k in range(4):
+        d = Path(tmp) / f"copy{k}"
+        d.mkdir(exist_ok=True)
+        for i, f in enumerate(files):
+            copy = d / f"{i:05d}_{Path(f).name}"
+            if not copy.exists():
+                shutil.copyfile(f, copy)
+            big.append(str(copy))
+    rows = []
+    env = dict(os.environ, TOKENIZERS_PARALLELISM="true")
+    for label, inputs in (("1x", files), ("4x", big)):
+        out = subprocess.run([sys.executable, "-c", PREP_CHILD, str(tok_dir), str(Path(tmp) / f"prep{label}"), *inputs],
+                             capture_output=True, text=True, env=env, check=True).stdout.split()
+        n, dt, rss = int(out[0]), float(out[1]), int(out[2])
+        out = subprocess.run([sys.executable, "-c", MAP_CHILD, str(tok_dir), *inputs], capture_output=True, text=True,
+                             env=env, check=True).stdout.split()
+        n2, dt2, rss2 = int(out[0]), float(out[1]), int(out[2])
+        rows.append([label, f"{n:,}", f"{n / dt:,.0f}", f"{n2 / dt2:,.0f}", f"{(n / dt) / (n2 / dt2):.2f}",
+                     f"{rss / 1024:.0f}", f"{rss2 / 1024:.0f}"])
+    table("3. Data preparation (stdlib code, 8k BPE)", ["corpus", "tokens", "rewarm prepare tok/s", "datasets.map tok/s",
+                                                     "ratio", "prepare peak RSS (MB)", "map peak RSS (MB)"], rows)
+
+
+def main() -> None:
+    p = argparse.ArgumentParser()
+    p.add_argument("--quick", action="store_true", help="one shape, fewer steps (a smoke run)")
+    args = p.parse_args()
+    import logging
+
+    logging.basicConfig(level=logging.WARNING)
+    from transformers.utils import logging as hf_logging
+
+    hf_logging.disable_progress_bar()
+    hf_logging.set_verbosity_error()
+    print(f"machine: {os.cpu_count()} CPUs, torch {torch.__version__}, {torch.get_num_threads()} threads")
+    t0 = time.time()
+    with tempfile.TemporaryDirectory() as tmp:
+        stats = ReadStats()
+        code = corpora.python_stdlib(limit_bytes=4_000_000)
+        tok_dir = train_tokenizer(file_documents(code[: len(code) // 2], "text", stats), 8192, Path(tmp) / "tok")
+        shards = Path(tmp) / "code"
+        prepare([str(f) for f in code], str(tok_dir), shards, val_fraction=0.02, progress=False)
+        section_train(tmp, shards, len(load_tokenizer(str(tok_dir))), args.quick)
+        section_prepare(tmp, tok_dir, args.quick)
+    print(f"\nbenchmarks finished in {time.time() - t0:.0f} s")
+
+
+if __name__ == "__main__":
+    main()
