@@ -48,7 +48,7 @@ SHAPES = {
 }
 
 
-def gemm_peak(dtype: torch.dtype, n: int = 2048, reps: int = 5) -> float:
+def gemm_peak(dtype: torch.dtype, n: int = 2048, reps: int = 3) -> float:
     a, b = torch.randn(n, n, dtype=dtype), torch.randn(n, n, dtype=dtype)
     torch.mm(a, b)
     times = []
@@ -139,15 +139,15 @@ def table(title, header, rows):
 
 
 def section_train(tmp, shards, tok_vocab, quick):
-    steps = 4 if quick else 6
+    steps = 3 if quick else 4
     peak32 = gemm_peak(torch.float32)
-    peak16 = gemm_peak(torch.bfloat16)
-    print(f"measured dense GEMM peak (2048^2): fp32 {peak32 / 1e9:.0f} GFLOP/s, bf16 {peak16 / 1e9:.0f} GFLOP/s")
+    peak16 = gemm_peak(torch.bfloat16, n=512 if gemm_peak(torch.bfloat16, n=256, reps=1) < peak32 / 10 else 2048)
+    print(f"measured dense GEMM peak (2048^2): fp32 {peak32 / 1e9:.0f} GFLOP/s, bf16 {peak16 / 1e9:.1f} GFLOP/s", flush=True)
     mix = Mixture([Source("code", TokenShards(shards), 1.0)], 1024, 8, 0)
     rows = []
     grid = [("tiny", 8192, 256)] if quick else [(s, v, q) for s in SHAPES for v in (8192, 50304) for q in (256, 1024)]
     for shape, vocab, seq in grid:
-        batch = max(2048 // seq, 2) * 2
+        batch = 4096 // seq  # 4,096 tokens per step
         m = Mixture([Source("code", TokenShards(shards), 1.0)], seq, batch, 0)
         windows = [m.batch(i)[0] for i in range(steps + 2)]
         bare, model = bare_loop(shape, vocab, seq, batch, windows, steps)
@@ -164,9 +164,11 @@ def section_train(tmp, shards, tok_vocab, quick):
     batch, seq = 16, 256
     m = Mixture([Source("code", TokenShards(shards), 1.0)], seq, batch, 0)
     base = rewarm_trainer("tiny", 8192, seq, batch, shards, steps, tmp)
-    bf16 = rewarm_trainer("tiny", 8192, seq, batch, shards, steps, tmp, precision="bf16")
+    # without bf16 matrix units bf16 GEMMs are ~100x slower: measure, but with few steps
+    bf16_steps = steps if peak16 > peak32 else 2
+    bf16 = rewarm_trainer("tiny", 8192, seq, batch, shards, bf16_steps, tmp, precision="bf16")
     comp = rewarm_trainer("tiny", 8192, seq, batch, shards, steps + 4, tmp, compile_=True)
-    comp16 = rewarm_trainer("tiny", 8192, seq, batch, shards, steps + 4, tmp, precision="bf16", compile_=True)
+    comp16 = rewarm_trainer("tiny", 8192, seq, batch, shards, bf16_steps + 4, tmp, precision="bf16", compile_=True)
     _, model = bare_loop("tiny", 8192, seq, batch, [m.batch(0)[0]] * 3, 1)
     fpt = flops_per_token(model, seq)
     table("2. Precision and compile (rewarm trainer, tiny, vocab 8192, seq 256, batch 16)",

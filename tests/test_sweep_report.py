@@ -115,3 +115,20 @@ def test_report_numbers_match_metrics_jsonl(tmp_path, shards):
     assert page.count("data:image/png;base64,") == 3 and "maxlr0.004_maxsteps10" in page
     bad = run_cli("report", str(tmp_path / "nothing"), "-o", str(tmp_path / "rep"))
     assert bad.returncode == 2 and "does not exist" in bad.stderr
+
+
+@pytest.mark.parametrize("name,count", [("gupta2023", 10), ("ibrahim2024", 9)])
+def test_paper_sweeps_expand_to_valid_runs(name, count):
+    from pathlib import Path
+
+    from rewarm.sweep import load_sweep
+
+    runs = expand(load_sweep(Path(__file__).parents[1] / "configs" / "paper" / f"{name}.yaml"))
+    assert len(runs) == count
+    by = {r.name: r.raw for r in runs}
+    if name == "gupta2023":
+        assert by["maxlr6e-4"]["schedule"]["min_lr"] == 6e-5 and by["from_step10000"]["model"]["revision"] == "step10000"
+        assert by["warmup2pct"]["schedule"]["name"] == "cosine_neox_clipped"
+    else:
+        assert [s["weight"] for s in by["replay5pct"]["data"]["train"]] == [0.95, 0.05]
+        assert by["infinite_invsqrt"]["schedule"]["cooldown_shape"] == "inv_sqrt"
