@@ -144,7 +144,7 @@ def test_empty_and_missing_inputs(tmp_path, tokenizer_dir):
 def test_huge_single_document_is_tokenized_in_pieces(tmp_path, tokenizer_dir):
     from rewarm.data import prepare as prep
 
-    line = "abc def ghi\n" * 250_000  # 3 MB, above the 1 MB piece size
+    line = "abc def ghi\n" * 250_000  # 3 MB, above the 0.5 MB piece size
     (tmp_path / "big.txt").write_text(line)
     (tmp_path / "small.txt").write_text("small doc " * 10)
     meta = prep.prepare([str(tmp_path)], str(tokenizer_dir), tmp_path / "o", val_fraction=0.0, progress=False)

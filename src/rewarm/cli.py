@@ -58,9 +58,14 @@ def _cmd_train(args: argparse.Namespace) -> int:
 
     if args.nproc and args.nproc > 1 and "LOCAL_RANK" not in os.environ:
         # re-launch this very command under torchrun, one process per rank
-        rest = [a for a in sys.argv[1:]]
-        i = rest.index("--nproc")
-        del rest[i : i + 2]
+        rest, skip = [], False
+        for arg in sys.argv[1:]:
+            if skip:
+                skip = False
+            elif arg == "--nproc":
+                skip = True
+            elif not arg.startswith("--nproc="):
+                rest.append(arg)
         cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={args.nproc}", "-m", "rewarm", *rest]
         os.execv(sys.executable, cmd)
     overrides = list(args.set or [])
