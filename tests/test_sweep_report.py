@@ -107,12 +107,13 @@ def test_report_numbers_match_metrics_jsonl(tmp_path, shards):
         early = [e["sets"]["upstream"]["loss"] for e in evals if 0 < e["step"] <= 1]
         assert float(row["spike (first 10%)"]) == pytest.approx(max(early) - up0, abs=6e-5)
         assert RunData.load(sweep_dir / name).forgetting() == upN - up0
-    for png in ("loss_vs_tokens.png", "tradeoff.png", "lr.png"):
+    for png in ("loss_vs_tokens.png", "lr.png"):
         assert (tmp_path / "rep" / png).read_bytes()[:4] == b"\x89PNG" and f"]({png})" in md
+    assert "tradeoff.png" not in md  # runs from scratch never knew upstream: no forgetting scatter
     html = run_cli("report", str(sweep_dir), "-o", str(tmp_path / "rep"), "--format", "html")
     assert html.returncode == 0
     page = (tmp_path / "rep" / "report.html").read_text()
-    assert page.count("data:image/png;base64,") == 3 and "maxlr0.004_maxsteps10" in page
+    assert page.count("data:image/png;base64,") == 2 and "maxlr0.004_maxsteps10" in page
     bad = run_cli("report", str(tmp_path / "nothing"), "-o", str(tmp_path / "rep"))
     assert bad.returncode == 2 and "does not exist" in bad.stderr
 
