@@ -12,6 +12,7 @@ import pytest
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 
 from rewarm import corpora  # noqa: E402
+from rewarm.config import set_dotted  # noqa: E402
 from rewarm.data.prepare import prepare  # noqa: E402
 from rewarm.data.sources import ReadStats, file_documents  # noqa: E402
 from rewarm.tokenizer import train_tokenizer  # noqa: E402
@@ -61,11 +62,7 @@ def small_run_config(out_dir: Path, shards: dict, **overrides) -> dict:
         "checkpoint": {"interval": 3, "keep_last": 5},
     }
     for key, value in overrides.items():
-        node = cfg
-        *head, leaf = key.split(".")
-        for part in head:
-            node = node.setdefault(part, {})
-        node[leaf] = value
+        set_dotted(cfg, key, value)
     return cfg
 
 

@@ -1,7 +1,6 @@
 """Bad input gets exit code 2, a message naming the problem and the fix, no traceback."""
 import json
 
-import numpy as np
 import pytest
 
 from conftest import assert_user_error, code_files, run_cli, small_run_config, write_config

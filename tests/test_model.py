@@ -3,7 +3,7 @@ import torch
 from transformers import AutoModelForCausalLM, GPTNeoXForCausalLM
 
 from rewarm.errors import UserError
-from rewarm.model import PRESETS, build_config, count_params, init_scratch, load_pretrained, save_model
+from rewarm.model import build_config, count_params, init_scratch, load_pretrained, save_model
 
 
 @pytest.mark.parametrize("name,params", [("pythia-14m", 14_067_712), ("pythia-70m", 70_426_624), ("pythia-160m", 162_322_944)])

@@ -93,7 +93,7 @@ def test_split_val_tokens_meta_and_dtype(tmp_path, tokenizer_dir):
     assert meta["split"] == {"seed": 3, "val_fraction": None, "val_tokens": 5000, "by": "document"}
     assert meta["train"]["documents"] + meta["val"]["documents"] == len(files)
     assert (tmp_path / "o" / "train.bin").stat().st_size == 2 * meta["train"]["tokens"]
-    again = prepare(files, str(tokenizer_dir), tmp_path / "o2", val_tokens=5000, seed=3, progress=False)
+    prepare(files, str(tokenizer_dir), tmp_path / "o2", val_tokens=5000, seed=3, progress=False)
     assert np.array_equal(TokenShards(tmp_path / "o").split("train"), TokenShards(tmp_path / "o2").split("train"))
     other = prepare(files, str(tokenizer_dir), tmp_path / "o3", val_tokens=5000, seed=4, progress=False)
     assert other["val"]["tokens"] != meta["val"]["tokens"] or not np.array_equal(

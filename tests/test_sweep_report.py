@@ -1,5 +1,4 @@
 """Sweeps (expand, skip, resume, continue past failures, launchers) and reports."""
-import json
 
 import pytest
 import yaml
