@@ -89,7 +89,12 @@ def test_split_val_tokens_meta_and_dtype(tmp_path, tokenizer_dir):
     files = [str(f) for f in code_files(200_000)]
     meta = prepare(files, str(tokenizer_dir), tmp_path / "o", val_tokens=5000, seed=3, progress=False)
     assert meta["dtype"] == "uint16" and meta["tokenizer"]["vocab_size"] == 512
-    assert 5000 <= meta["val"]["tokens"] < 5000 + max(1, meta["val"]["tokens"])  # whole documents, at least 5000
+    # whole documents, in hash order, until at least 5000 tokens: without its largest document it falls short
+    val = np.asarray(TokenShards(tmp_path / "o").split("val")).tolist()
+    ends = [i for i, t in enumerate(val) if t == 0]  # EOS (id 0) closes every document
+    doc_lens = np.diff([-1] + ends)
+    assert ends[-1] == len(val) - 1 and len(doc_lens) == meta["val"]["documents"]
+    assert meta["val"]["tokens"] >= 5000 and meta["val"]["tokens"] - doc_lens.max() < 5000
     assert meta["split"] == {"seed": 3, "val_fraction": None, "val_tokens": 5000, "by": "document"}
     assert meta["train"]["documents"] + meta["val"]["documents"] == len(files)
     assert (tmp_path / "o" / "train.bin").stat().st_size == 2 * meta["train"]["tokens"]

@@ -14,25 +14,16 @@ from rewarm.errors import UserError
 
 
 def _cmd_tokenizer_train(args: argparse.Namespace) -> int:
-    from rewarm.data.sources import ReadStats, expand_inputs, file_documents
+    from rewarm.data.sources import ReadStats, expand_inputs, file_documents, limit_chars
     from rewarm.tokenizer import train_tokenizer
 
     stats = ReadStats()
     docs = file_documents(expand_inputs(args.inputs), args.text_field, stats, strict=args.strict)
     if args.max_chars:
-        docs = _take_chars(docs, args.max_chars)
+        docs = limit_chars(docs, args.max_chars)
     out = train_tokenizer(docs, args.vocab_size, args.output)
     print(f"tokenizer: {out}  (byte-level BPE, vocab {args.vocab_size}, {stats.documents} documents, EOS <|endoftext|>)")
     return 0
-
-
-def _take_chars(docs, limit: int):
-    seen = 0
-    for d in docs:
-        if seen >= limit:
-            return
-        yield d[: limit - seen]
-        seen += len(d)
 
 
 def _cmd_prepare(args: argparse.Namespace) -> int:

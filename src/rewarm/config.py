@@ -302,17 +302,22 @@ def dump_yaml(cfg: RunConfig) -> str:
 
 # ------------------------------------------------------------------------- validation
 
+def check_batch(t: TrainConfig, world: int) -> None:
+    """global_batch = micro_batch x grad_accum x world_size must come out whole."""
+    if t.global_batch % (t.micro_batch * world):
+        raise UserError(
+            f"`train.global_batch` ({t.global_batch}) is not divisible by `train.micro_batch` "
+            f"({t.micro_batch}) x world size ({world}). Pick a micro_batch that divides global_batch / world size."
+        )
+
+
 def validate(cfg: RunConfig) -> None:
     """Checks that need more than one key; each message says how to fix it."""
     t, s = cfg.train, cfg.schedule
     for key in ("seq_len", "global_batch", "micro_batch", "max_steps"):
         if getattr(t, key) <= 0:
             raise UserError(f"`train.{key}` must be a positive integer, got {getattr(t, key)}.")
-    if t.global_batch % t.micro_batch:
-        raise UserError(
-            f"`train.global_batch` ({t.global_batch}) is not divisible by `train.micro_batch` "
-            f"({t.micro_batch}) x world size. Pick a micro_batch that divides the global batch."
-        )
+    check_batch(t, world=1)
     if s.max_lr < 0 or s.min_lr < 0 or s.warmup_start_lr < 0:
         raise UserError("learning rates must be >= 0 (`schedule.max_lr`, `min_lr`, `warmup_start_lr`).")
     if s.min_lr > s.max_lr:

@@ -23,7 +23,7 @@ from pathlib import Path
 from rewarm import corpora
 from rewarm import findings as F
 from rewarm.data.prepare import prepare
-from rewarm.data.sources import ReadStats, file_documents
+from rewarm.data.sources import ReadStats, file_documents, limit_chars
 from rewarm.sweep import PlannedRun, run_all
 from rewarm.tokenizer import train_tokenizer
 
@@ -59,15 +59,6 @@ def _cmd_demo(args: argparse.Namespace) -> int:
     return 0
 
 
-def _limit(docs, max_chars: int):
-    seen = 0
-    for d in docs:
-        if seen >= max_chars:
-            return
-        seen += len(d)
-        yield d
-
-
 def build_data(out: Path, size: dict, progress: bool) -> dict[str, Path]:
     """Tokenizer + upstream/downstream shards under out/ (reused when already there)."""
     upstream = [str(p) for p in corpora.shakespeare_modern()] + [str(corpora.king_james_bible())]
@@ -76,8 +67,8 @@ def build_data(out: Path, size: dict, progress: bool) -> dict[str, Path]:
     if not (tok_dir / "tokenizer.json").exists():
         stats = ReadStats()
         sample = itertools.chain(
-            _limit(file_documents([Path(p) for p in upstream], "text", stats), 2_000_000),
-            _limit(file_documents([Path(p) for p in code], "text", stats), 2_000_000),
+            limit_chars(file_documents([Path(p) for p in upstream], "text", stats), 2_000_000),
+            limit_chars(file_documents([Path(p) for p in code], "text", stats), 2_000_000),
         )
         train_tokenizer(sample, size["vocab"], tok_dir)
     shards = {}

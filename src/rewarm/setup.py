@@ -9,8 +9,7 @@ from __future__ import annotations
 
 import logging
 import shutil
-import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Callable
 
@@ -19,7 +18,7 @@ import yaml
 
 from rewarm import checkpoint, distributed
 from rewarm.distributed import Dist
-from rewarm.config import RunConfig, config_from_dict, dump_yaml, to_dict
+from rewarm.config import RunConfig, check_batch, config_from_dict, dump_yaml, to_dict
 from rewarm.data.mixture import Mixture, Source
 from rewarm.data.shards import TokenShards
 from rewarm.errors import UserError
@@ -54,7 +53,6 @@ class RunState:
     lr_scale: float = 1.0
     last_rollback_to: int | None = None
     last_logged_step: int = 0
-    started: float = field(default_factory=time.time)
 
     def start_event(self) -> dict:
         return {"event": "start", "step": self.step, **self.start_info}
@@ -125,11 +123,7 @@ def prepare_run(cfg: RunConfig, run: RunDir, d: Dist, *, overwrite: bool = False
     device = _resolve_device(cfg.train.device)
     if device.type == "cuda":
         device = torch.device("cuda", d.local_rank)
-    if cfg.train.global_batch % (cfg.train.micro_batch * d.world):
-        raise UserError(
-            f"`train.global_batch` ({cfg.train.global_batch}) is not divisible by `train.micro_batch` "
-            f"({cfg.train.micro_batch}) x world size ({d.world}). Pick a micro_batch that divides global_batch / world size."
-        )
+    check_batch(cfg.train, d.world)
     if cfg.train.precision == "fp16" and device.type != "cuda":
         raise UserError("`train.precision: fp16` needs a CUDA device (it uses a grad scaler); use bf16 or fp32 on CPU.")
     if cfg.checkpoint.keep_last < 1:

@@ -159,7 +159,7 @@ srun torchrun --standalone --nproc_per_node ${{SLURM_GPUS_ON_NODE:-1}} -m rewarm
 
 def run_all(runs: list[PlannedRun], progress: bool = True) -> dict[str, str]:
     """Run each planned run in this process; returns {name: done|skipped|failed: reason}."""
-    from rewarm.train import train
+    from rewarm.train import Preempted, train
 
     results: dict[str, str] = {}
     bar = tqdm(total=len(runs), desc="sweep", unit="run", disable=not progress, position=0, dynamic_ncols=True)
@@ -174,7 +174,9 @@ def run_all(runs: list[PlannedRun], progress: bool = True) -> dict[str, str]:
         try:
             train(config_from_dict(raw), overwrite=state == "todo", progress=progress)
             results[r.name] = "resumed and finished" if state == "partial" else "finished"
-        except (UserError, RuntimeError, ValueError, OSError) as exc:
+        except Preempted:
+            raise  # the machine is being taken away: stop the sweep, the run resumes next time
+        except Exception as exc:  # divergence, a full disk, a bad path: this run failed, the others go on
             log.error("run %s failed: %s", r.name, exc)
             results[r.name] = f"failed: {str(exc).splitlines()[0] if str(exc) else type(exc).__name__}"
         bar.update(1)

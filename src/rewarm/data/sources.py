@@ -157,3 +157,13 @@ def hf_dataset_documents(spec: str, split: str, text_field: str, stats: ReadStat
             continue
         stats.bytes += len(value.encode("utf-8"))
         yield from _emit(value, stats)
+
+
+def limit_chars(docs: Iterator[str], max_chars: int) -> Iterator[str]:
+    """At most `max_chars` characters of the documents (the last one cut), e.g. a tokenizer sample."""
+    seen = 0
+    for doc in docs:
+        if seen >= max_chars:
+            return
+        yield doc[: max_chars - seen]
+        seen += len(doc)
