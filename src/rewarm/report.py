@@ -54,6 +54,41 @@ def plot_losses(runs: list[RunData], out: Path) -> Path:
     return path
 
 
+def _task_names(runs: list[RunData]) -> list[str]:
+    names: list[str] = []
+    for r in runs:
+        names += [t for t in r.task_names() if t not in names]
+    return names
+
+
+def plot_downstream(runs: list[RunData], out: Path) -> Path | None:
+    """One panel per task: p_choices(gold) (solid) and accuracy (dotted) against tokens, per run."""
+    tasks = [t for t in _task_names(runs) if any(r.task_series(t, "p_choices_gold") for r in runs)]
+    if not tasks:
+        return None
+    plt = _pyplot()
+    colors = _colors(runs)
+    cols = min(len(tasks), 3)
+    rows = -(-len(tasks) // cols)
+    fig, axes = plt.subplots(rows, cols, figsize=(5.5 * cols, 4.0 * rows), squeeze=False)
+    for ax, task in zip(axes.flat, tasks):
+        for r in runs:
+            for metric, style in (("p_choices_gold", "-"), ("acc", ":")):
+                pts = r.task_series(task, metric)
+                if pts:
+                    ax.plot([p[0] / 1e6 for p in pts], [p[1] for p in pts], linestyle=style, marker=".",
+                            color=colors[r.name], label=r.name if metric == "p_choices_gold" else None, linewidth=1.4)
+        ax.set_title(f"{task}: p_choices(gold) —, accuracy ···", fontsize=10)
+        ax.set_xlabel("tokens seen in this run (millions)")
+        ax.grid(alpha=0.3)
+    for ax in list(axes.flat)[len(tasks):]:
+        ax.axis("off")
+    axes[0][-1].legend(fontsize=7, loc="upper left", bbox_to_anchor=(1.01, 1.0), frameon=False)
+    path = save_figure(fig, out)
+    plt.close(fig)
+    return path
+
+
 def plot_lrs(runs: list[RunData], out: Path) -> Path:
     plt = _pyplot()
     colors = _colors(runs)
@@ -98,12 +133,21 @@ def _fmt(x: float | None, signed: bool = False) -> str:
     return f"{x:+.4f}" if signed else f"{x:.4f}"
 
 
+def _fmt_se(x: float | None, se: float | None) -> str:
+    if x is None:
+        return "–"
+    return f"{x:.3f} ± {se:.3f}" if se is not None else f"{x:.3f}"
+
+
 def run_table(runs: list[RunData]) -> tuple[list[str], list[list[str]]]:
     sets = _set_names(runs)
     header = ["run", "tokens"]
     for s in sets:
         header += [f"{s} step 0", f"{s} final", f"{s} min"]
     header += ["forgetting", "adaptation", "spike (first 10%)"]
+    tasks = _task_names(runs)
+    for t in tasks:
+        header += [f"{t} acc", f"{t} p_choices(gold)"]
     rows = []
     for r in runs:
         tokens = r.evals[-1][1] if r.evals else 0
@@ -111,6 +155,10 @@ def run_table(runs: list[RunData]) -> tuple[list[str], list[list[str]]]:
         for s in sets:
             row += [_fmt(r.start(s)), _fmt(r.final(s)), _fmt(r.minimum(s))]
         row += [_fmt(r.forgetting(), True), _fmt(r.adaptation(), True), _fmt(r.spike(), True)]
+        for t in tasks:
+            final = r.task_final(t) or {}
+            row += [_fmt_se(final.get("acc"), final.get("acc_stderr")),
+                    _fmt_se(final.get("p_choices_gold"), final.get("p_choices_gold_stderr"))]
         rows.append(row)
     return header, rows
 
@@ -122,6 +170,7 @@ def report(paths: list[str], out_dir: str | Path, fmt: str = "md", title: str = 
     images = {
         "Held-out loss vs tokens": plot_losses(runs, out / "loss_vs_tokens.png"),
         "Forgetting vs adaptation": plot_tradeoff(runs, out / "tradeoff.png"),
+        "Downstream tasks vs tokens": plot_downstream(runs, out / "downstream.png"),
         "Learning rates": plot_lrs(runs, out / "lr.png"),
     }
     images = {k: v for k, v in images.items() if v is not None}
@@ -130,7 +179,8 @@ def report(paths: list[str], out_dir: str | Path, fmt: str = "md", title: str = 
     found = F.compute(by_name) if any(n in by_name for n in (F.MID, F.SCRATCH, F.CONSTANT)) else []
     notes = ("Step-0 loss: the eval before the first update. Final: the last eval. Forgetting = final − step-0 "
              "upstream loss; adaptation = step-0 − final downstream loss; spike = peak upstream loss over the evals "
-             "in the first 10% of steps minus step-0 upstream loss.")
+             "in the first 10% of steps minus step-0 upstream loss. Downstream columns: the last downstream evaluation "
+             "(accuracy and p_choices(gold), the softmax over the choices' log-likelihoods, ± standard error).")
     if fmt == "html":
         text = _html(title, runs, header, rows, images, found, notes)
         path = out / "report.html"

@@ -23,6 +23,7 @@ class RunData:
     config: dict
     evals: list[tuple[int, int, dict[str, float]]] = field(default_factory=list)  # (step, tokens, {set: loss})
     lrs: list[tuple[int, float]] = field(default_factory=list)  # (step index of the update, lr)
+    downstream: list[tuple[int, int, dict[str, dict]]] = field(default_factory=list)  # (step, tokens, {task: metrics})
     finished: bool = False
 
     @classmethod
@@ -32,11 +33,15 @@ class RunData:
             raise UserError(f"{rd.path} is not a run directory (no metrics.jsonl).")
         config = yaml.safe_load(rd.config.read_text()) if rd.config.exists() else {}
         run = cls(name or rd.path.name, rd.path, config, finished=rd.summary.exists())
+        by_step: dict[int, tuple[int, dict]] = {}
         for e in iter_metrics(rd.metrics):
             if e.get("event") == "eval":
                 run.evals.append((e["step"], e["tokens"], {k: v["loss"] for k, v in e["sets"].items()}))
             elif e.get("event") == "train":
                 run.lrs.append((e["step"] - 1, e["lr"]))
+            elif e.get("event") == "downstream":
+                by_step.setdefault(e["step"], (e["tokens"], {}))[1].update(e["tasks"])  # later results win
+        run.downstream = [(step, tok, tasks) for step, (tok, tasks) in sorted(by_step.items())]
         return run
 
     @property
@@ -46,6 +51,21 @@ class RunData:
     def series(self, name: str) -> list[tuple[int, float]]:
         """(tokens, loss) of one eval set."""
         return [(tok, sets[name]) for _, tok, sets in self.evals if name in sets]
+
+    def task_names(self) -> list[str]:
+        names: list[str] = []
+        for _, _, tasks in self.downstream:
+            names += [t for t in tasks if t not in names]
+        return names
+
+    def task_series(self, task: str, metric: str) -> list[tuple[int, float]]:
+        """(tokens, value) of one downstream metric over the run."""
+        return [(tok, tasks[task][metric]) for _, tok, tasks in self.downstream
+                if isinstance(tasks.get(task, {}).get(metric), (int, float))]
+
+    def task_final(self, task: str) -> dict | None:
+        rows = [tasks[task] for _, _, tasks in self.downstream if task in tasks]
+        return rows[-1] if rows else None
 
     def start(self, name: str) -> float | None:
         first = [sets[name] for step, _, sets in self.evals if step == 0 and name in sets]

@@ -32,7 +32,9 @@ log = logging.getLogger(__name__)
 
 # Keys that may change between a run and its resumption without changing its numbers.
 RESUME_SAFE_KEYS = {"init", "train.log_interval", "train.device", "train.num_threads", "train.compile",
-                    "checkpoint.interval", "checkpoint.keep_last", "distributed.strategy", "distributed.cpu_offload"}
+                    "checkpoint.interval", "checkpoint.keep_last", "distributed.strategy", "distributed.cpu_offload",
+                    "eval.downstream.tasks", "eval.downstream.every", "eval.downstream.limit",
+                    "eval.downstream.num_fewshot", "eval.downstream.batch"}
 
 
 @dataclass
@@ -89,6 +91,18 @@ def _resolve_device(name: str) -> torch.device:
     if name == "cuda" and not torch.cuda.is_available():
         raise UserError("`train.device: cuda` but no CUDA device is visible. Use `auto` or `cpu`.")
     return torch.device(name)
+
+
+def _check_downstream(cfg: RunConfig, d: Dist) -> None:
+    """Unknown task names or missing task data fail now, not at the first evaluation hours in."""
+    if d.active and cfg.distributed.strategy == "fsdp":
+        raise UserError("`eval.downstream` runs on rank 0's full model, which FSDP shards: use distributed.strategy=ddp, "
+                        "or run `rewarm downstream` on the saved checkpoints.")
+    from rewarm.downstream.harness import require_lm_eval
+    from rewarm.downstream.tasks import expand, task_configs
+
+    require_lm_eval()
+    task_configs(expand(cfg.eval.downstream.tasks))
 
 
 def _check_drift(saved: dict, current: dict, allow: bool) -> None:
@@ -151,6 +165,9 @@ def prepare_run(cfg: RunConfig, run: RunDir, d: Dist, *, overwrite: bool = False
             p.unlink(missing_ok=True)
         for p in (run.checkpoints, run.final):
             shutil.rmtree(p, ignore_errors=True)
+
+    if cfg.eval.downstream.tasks:
+        _check_downstream(cfg, d)
 
     # ---- data first: cheap checks before any model is built
     sources = [Source(s.name, TokenShards(s.path), s.weight) for s in cfg.data.train]

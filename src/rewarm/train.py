@@ -89,6 +89,21 @@ def _loop(cfg: RunConfig, run: RunDir, st: RunState, stop: "_StopOnSignal", prog
             line = "  ".join(f"{name} {r['loss']:.4f} (ppl {r['ppl']:.1f})" for name, r in results.items())
             tqdm.write(f"eval @ step {step:>6} | {line}")
 
+    def run_downstream() -> None:
+        ds = cfg.eval.downstream
+        if d.is_main:  # rank 0 scores the plain (unwrapped, uncompiled) module; the others wait
+            from rewarm.downstream.harness import run_tasks
+            from rewarm.downstream.record import event
+
+            settings = {"limit": ds.limit or None, "num_fewshot": ds.num_fewshot, "batch": ds.batch, "max_length": None}
+            results = run_tasks(st.raw_model, st.tokenizer, ds.tasks, limit=ds.limit or None,
+                                num_fewshot=ds.num_fewshot, batch_size=ds.batch)
+            metrics.write(event(step, step * tokens_per_step, results, settings, "training"))
+            line = "  ".join(f"{name} acc {r['acc']:.3f} p_choices(gold) {r['p_choices_gold']:.3f}"
+                             for name, r in results.items() if r.get("p_choices_gold") is not None and "acc" in r)
+            tqdm.write(f"downstream @ step {step:>6} | {line}")
+        d.barrier()
+
     def save_checkpoint() -> None:
         model_sd, optim_sd = distributed.full_state(model, opt, d)  # a collective under FSDP
         if d.is_main:
@@ -108,6 +123,8 @@ def _loop(cfg: RunConfig, run: RunDir, st: RunState, stop: "_StopOnSignal", prog
     metrics.write(st.start_event())
     if step == 0 and st.eval_sets:
         run_eval()  # the baseline that forgetting and adaptation are measured from
+    if step == 0 and cfg.eval.downstream.tasks:
+        run_downstream()
     bar = tqdm(total=t.max_steps, initial=step, desc="train", unit="step", disable=not progress, dynamic_ncols=True)
     model.train()
     clock = time.perf_counter()
@@ -163,6 +180,8 @@ def _loop(cfg: RunConfig, run: RunDir, st: RunState, stop: "_StopOnSignal", prog
         eval_every = cfg.eval.interval_warmup if (cfg.eval.interval_warmup and step <= dense_end) else cfg.eval.interval
         if st.eval_sets and (due(eval_every) or step == t.max_steps):
             run_eval()
+        if cfg.eval.downstream.tasks and (due(cfg.eval.downstream.every) or step == t.max_steps):
+            run_downstream()
         saved = bad_in_row == 0 and (due(cfg.checkpoint.interval) or step in cfg.checkpoint.keep_steps or step == t.max_steps)
         if saved:
             save_checkpoint()  # never during a run of non-finite steps: rollback must find good weights

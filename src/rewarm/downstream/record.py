@@ -1,0 +1,63 @@
+"""Where downstream results go: `downstream.json` next to the model, and a `downstream`
+event in the run's metrics.jsonl when the model belongs to a run (so the report plots it)."""
+from __future__ import annotations
+
+import json
+import logging
+import re
+from pathlib import Path
+from typing import Any
+
+from rewarm.checkpoint import write_json_atomic
+from rewarm.rundir import RunDir, _alive
+
+log = logging.getLogger(__name__)
+
+
+def run_context(model_dir: Path) -> tuple[RunDir, int, int] | None:
+    """(run, step, tokens) when `model_dir` is a run's final/ or one of its checkpoints/step_N, else None."""
+    model_dir = Path(model_dir).resolve()
+    if model_dir.name == "final" and (model_dir.parent / "summary.json").is_file():
+        run = RunDir(model_dir.parent)
+        summary = json.loads(run.summary.read_text())
+        return run, int(summary["steps"]), int(summary["tokens"])
+    m = re.fullmatch(r"step_(\d+)", model_dir.name)
+    if m and model_dir.parent.name == "checkpoints" and (model_dir.parent.parent / "config.yaml").is_file():
+        from rewarm.checkpoint import load_trainer_state
+
+        state = load_trainer_state(model_dir)
+        return RunDir(model_dir.parent.parent), int(state["step"]), int(state["tokens"])
+    return None
+
+
+def event(step: int, tokens: int, tasks: dict[str, Any], settings: dict[str, Any], source: str) -> dict[str, Any]:
+    return {"event": "downstream", "step": step, "tokens": tokens, "source": source, **settings, "tasks": tasks}
+
+
+def record(model_dir: Path, results: dict[str, Any], settings: dict[str, Any], out: Path | None = None) -> Path:
+    """Write `out` (default MODEL_DIR/downstream.json) atomically; add the event to the run's log if
+    the model belongs to a run that is not training right now (a live run owns its log)."""
+    ctx = run_context(model_dir)
+    step, tokens = (ctx[1], ctx[2]) if ctx else (None, None)
+    out = Path(out) if out else Path(model_dir) / "downstream.json"
+    doc = {"model": str(model_dir), "step": step, "tokens": tokens, **settings, "tasks": results}
+    out.parent.mkdir(parents=True, exist_ok=True)
+    write_json_atomic(out, doc)
+    if ctx:
+        run = ctx[0]
+        holder = _lock_holder(run)
+        if holder:
+            log.warning("run %s is in use by process %d: not adding to its metrics.jsonl (results are in %s)",
+                        run.path, holder, out)
+        else:
+            with open(run.metrics, "a") as fh:
+                fh.write(json.dumps(event(step, tokens, results, settings, "standalone")) + "\n")
+    return out
+
+
+def _lock_holder(run: RunDir) -> int | None:
+    try:
+        pid = int(run.lock.read_text().strip() or 0)
+    except (FileNotFoundError, ValueError):
+        return None
+    return pid if pid and _alive(pid) else None
