@@ -163,15 +163,21 @@ def _cmd_downstream(args: argparse.Namespace) -> int:
 
 
 def format_downstream_table(results: dict) -> str:
+    """One line per task: the choice-level columns for multiple-choice tasks, lm-eval's metrics for the rest."""
     cols = [("acc", "acc"), ("acc_norm", "acc_norm"), ("logp_gold", "log p(gold)"), ("p_choices_gold", "p_choices(gold)"),
             ("p_incorrect", "p(incorrect)"), ("brier", "Brier")]
-    head = f"{'task':<24}{'n':>6}" + "".join(f"{title:>20}" for _, title in cols)
-    lines = [head]
+    lines = [f"{'task':<24}{'n':>6}" + "".join(f"{title:>20}" for _, title in cols)]
     for name, row in results.items():
+        if "p_choices_gold" not in row:
+            other = ", ".join(f"{k} {v:.4g}" for k, v in row.items()
+                              if isinstance(v, float) and "_stderr" not in k and k not in ("n", "subtasks"))
+            lines.append(f"{name:<24}{row.get('n', 0):>6}  {other}")
+            continue
         cells = []
         for key, _ in cols:
             v, se = row.get(key), row.get(f"{key}_stderr")
-            cells.append(f"{'-':>20}" if v is None else f"{f'{v:.4g} ± {se:.2g}' if se is not None else f'{v:.4g}':>20}")
+            text = "-" if v is None else (f"{v:.4g} ± {se:.2g}" if se is not None else f"{v:.4g}")
+            cells.append(f"{text:>20}")
         lines.append(f"{name:<24}{row.get('n', 0):>6}" + "".join(cells))
     return "\n".join(lines)
 
