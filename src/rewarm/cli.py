@@ -140,6 +140,7 @@ def _cmd_downstream(args: argparse.Namespace) -> int:
 
     from rewarm.downstream.harness import require_lm_eval, run_tasks
     from rewarm.downstream.record import record
+    from rewarm.downstream.tasks import check_names
     from rewarm.model import load_pretrained
     from rewarm.tokenizer import load_tokenizer
 
@@ -149,6 +150,7 @@ def _cmd_downstream(args: argparse.Namespace) -> int:
         raise UserError("--tasks is empty: name at least one task, e.g. --tasks hellaswag,arc_easy (`rewarm tasks list`).")
     if args.limit is not None and args.limit < 1:
         raise UserError(f"--limit must be a positive number of samples per task, got {args.limit}.")
+    check_names(names)  # a typo or missing data fails before the model is loaded
     model = load_pretrained(args.model_dir)
     tok = load_tokenizer(args.tokenizer or args.model_dir)
     device = torch.device("cuda" if torch.cuda.is_available() and not args.cpu else "cpu")

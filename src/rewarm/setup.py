@@ -99,10 +99,10 @@ def _check_downstream(cfg: RunConfig, d: Dist) -> None:
         raise UserError("`eval.downstream` runs on rank 0's full model, which FSDP shards: use distributed.strategy=ddp, "
                         "or run `rewarm downstream` on the saved checkpoints.")
     from rewarm.downstream.harness import require_lm_eval
-    from rewarm.downstream.tasks import expand, task_configs
+    from rewarm.downstream.tasks import check_names
 
     require_lm_eval()
-    task_configs(expand(cfg.eval.downstream.tasks))
+    check_names(cfg.eval.downstream.tasks)
 
 
 def _check_drift(saved: dict, current: dict, allow: bool) -> None:

@@ -136,6 +136,55 @@ def expand(names: list[str], root: Path | None = None) -> list[str]:
     return list(dict.fromkeys(out))
 
 
+@functools.lru_cache(maxsize=1)
+def stock_names() -> frozenset[str]:
+    """Every task, group and tag name lm-eval knows. Building lm-eval's index takes ~13 s, so the
+    names are kept in the tasks dir per lm-eval version: a typo is rejected in well under a second."""
+    from importlib.metadata import version
+
+    cache = tasks_dir() / f"lm_eval-{version('lm_eval')}-task-names.txt"
+    if cache.is_file():
+        return frozenset(cache.read_text().split())
+    from lm_eval.tasks import TaskManager
+
+    names = sorted(TaskManager().all_tasks)
+    try:
+        cache.parent.mkdir(parents=True, exist_ok=True)
+        tmp = cache.with_name(f".{cache.name}.tmp-{os.getpid()}")
+        tmp.write_text("\n".join(names))
+        os.replace(tmp, cache)
+    except OSError:
+        pass  # a read-only cache only costs time
+    return frozenset(names)
+
+
+def _unknown(name: str, root: Path | None, known_stock: frozenset[str] | list[str] = ()) -> UserError:
+    known = offline_names(root)
+    return UserError(
+        f"unknown downstream task `{name}`{did_you_mean(name, list(known) + list(known_stock))}. "
+        f"Tasks with offline data: {', '.join(t for t in known if not t.startswith('mmlu_'))}, mmlu_<subject>; "
+        f"with the internet, any lm-eval task name (`lm-eval ls tasks`)."
+    )
+
+
+def check_names(names: list[str], root: Path | None = None) -> list[str]:
+    """Expand `mmlu`, reject unknown names and missing local data: cheap (no lm-eval index), so a
+    command or a training run fails on a typo before it loads a model or trains a step."""
+    names = expand(names, root)
+    for name in names:
+        src = _local_source(name)
+        if src is None:
+            if name not in stock_names():
+                raise _unknown(name, root, stock_names())
+            continue
+        if not (data_root(root) / src[1]).is_dir():
+            if not is_installed(root):
+                raise UserError(f"task data for `{name}` is not installed. Run: rewarm tasks install "
+                                f"(puts it in {root or tasks_dir()}; set REWARM_TASKS_DIR to choose another place).")
+            raise _unknown(name, root)
+    return names
+
+
 def task_configs(names: list[str], root: Path | None = None) -> tuple[list, object]:
     """lm-eval task specs for `names` and the TaskManager that resolves them.
 
@@ -146,6 +195,7 @@ def task_configs(names: list[str], root: Path | None = None) -> tuple[list, obje
     from lm_eval.tasks._yaml_loader import load_yaml
 
     root_data = data_root(root)
+    names = check_names(names, root)
     local = {n: _local_source(n) for n in names}
     offline = all(local.values())
     if offline:  # index only the needed folders: ~0.1 s instead of ~13 s for all 14k tasks
@@ -157,22 +207,12 @@ def task_configs(names: list[str], root: Path | None = None) -> tuple[list, obje
     for name in names:
         entry = manager.task_index.get(name)
         if entry is None:
-            known = offline_names(root)
-            raise UserError(
-                f"unknown downstream task `{name}`{did_you_mean(name, known + manager.all_tasks if not offline else known)}. "
-                f"Tasks with offline data: {', '.join(t for t in known if not t.startswith('mmlu_'))}, mmlu_<subject>; "
-                f"with the internet, any lm-eval task name (`lm-eval ls tasks`)."
-            )
+            raise _unknown(name, root, manager.all_tasks)
         src = local[name]
         if src is None:
             specs.append(name)  # stock lm-eval task: its data comes from the hub
             continue
         folder = root_data / src[1]
-        if not folder.is_dir():
-            if not is_installed(root):
-                raise UserError(f"task data for `{name}` is not installed. Run: rewarm tasks install "
-                                f"(puts it in {root or tasks_dir()}; set REWARM_TASKS_DIR to choose another place).")
-            raise UserError(f"no local data for `{name}` in {folder}.")
         if entry.yaml_path is None:
             specs.append(name)
             continue
