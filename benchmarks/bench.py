@@ -171,12 +171,17 @@ def section_train(tmp, shards, tok_vocab, quick):
     comp16 = rewarm_trainer("tiny", 8192, seq, batch, shards, bf16_steps + 4, tmp, precision="bf16", compile_=True)
     _, model = bare_loop("tiny", 8192, seq, batch, [m.batch(0)[0]] * 3, 1)
     fpt = flops_per_token(model, seq)
+
+    def mfu16(tok_s: float) -> str:
+        # without bf16 units autocast keeps some GEMMs in fp32, so a bf16 "MFU" would exceed 100%
+        return f"{100 * tok_s * fpt / peak16:.1f}%" if peak16 > peak32 / 10 else "n/a (no bf16 units)"
+
     table("2. Precision and compile (rewarm trainer, tiny, vocab 8192, seq 256, batch 16)",
           ["configuration", "tokens/s", "ratio to fp32 eager", "MFU (vs same-precision peak)"],
           [["fp32 eager", f"{base:,.0f}", "1.00", f"{100 * base * fpt / peak32:.1f}%"],
-           ["bf16 autocast", f"{bf16:,.0f}", f"{bf16 / base:.2f}", f"{100 * bf16 * fpt / peak16:.1f}%"],
+           ["bf16 autocast", f"{bf16:,.0f}", f"{bf16 / base:.2f}", mfu16(bf16)],
            ["fp32 + compile", f"{comp:,.0f}", f"{comp / base:.2f}", f"{100 * comp * fpt / peak32:.1f}%"],
-           ["bf16 + compile", f"{comp16:,.0f}", f"{comp16 / base:.2f}", f"{100 * comp16 * fpt / peak16:.1f}%"]])
+           ["bf16 + compile", f"{comp16:,.0f}", f"{comp16 / base:.2f}", mfu16(comp16)]])
 
     # 4. evaluation vs the bare loop's forward
     es = EvalSet.from_shards("code", TokenShards(shards), seq, 16 * seq * 8)
@@ -253,13 +258,19 @@ def section_prepare(tmp, tok_dir, quick):
             big.append(str(copy))
     rows = []
     env = dict(os.environ, TOKENIZERS_PARALLELISM="true")
+    def child(code: str, *argv: str) -> tuple[int, float, int]:
+        out = subprocess.run([sys.executable, "-c", code, *argv], capture_output=True, text=True, env=env,
+                             check=True).stdout.split()
+        return int(out[0]), float(out[1]), int(out[2])
+
     for label, inputs in (("1x", files), ("4x", big)):
-        out = subprocess.run([sys.executable, "-c", PREP_CHILD, str(tok_dir), str(Path(tmp) / f"prep{label}"), *inputs],
-                             capture_output=True, text=True, env=env, check=True).stdout.split()
-        n, dt, rss = int(out[0]), float(out[1]), int(out[2])
-        out = subprocess.run([sys.executable, "-c", MAP_CHILD, str(tok_dir), *inputs], capture_output=True, text=True,
-                             env=env, check=True).stdout.split()
-        n2, dt2, rss2 = int(out[0]), float(out[1]), int(out[2])
+        for f in inputs:  # both sides read from the page cache, not whoever runs first from disk
+            Path(f).read_bytes()
+        # alternate the two, twice each, and keep each one's faster run
+        runs = [(child(PREP_CHILD, str(tok_dir), str(Path(tmp) / f"prep{label}"), *inputs),
+                 child(MAP_CHILD, str(tok_dir), *inputs)) for _ in range(2)]
+        n, dt, rss = min((r[0] for r in runs), key=lambda x: x[1])
+        n2, dt2, rss2 = min((r[1] for r in runs), key=lambda x: x[1])
         rows.append([label, f"{n:,}", f"{n / dt:,.0f}", f"{n2 / dt2:,.0f}", f"{(n / dt) / (n2 / dt2):.2f}",
                      f"{rss / 1024:.0f}", f"{rss2 / 1024:.0f}"])
     table("3. Data preparation (stdlib code, 8k BPE)", ["corpus", "tokens", "rewarm prepare tok/s", "datasets.map tok/s",

@@ -129,3 +129,12 @@ def test_resume_continues_exactly(tmp_path, shards, finished_run):
     a = AutoModelForCausalLM.from_pretrained(resumed.final).state_dict()
     b = AutoModelForCausalLM.from_pretrained(ref.final).state_dict()
     assert all(torch.equal(a[k], b[k]) for k in a)
+
+
+def test_compiled_body_trains_like_eager(tmp_path, shards, finished_run):
+    """train.compile compiles the model body and keeps the fused head + loss: same losses as eager."""
+    run = train(config_from_dict(small_run_config(tmp_path / "c", shards, **{"train.compile": True})), progress=False)
+    eager, compiled = metrics(finished_run[0].path, "train"), metrics(run.path, "train")
+    assert [e["step"] for e in compiled] == [e["step"] for e in eager]
+    for a, b in zip(compiled, eager):
+        assert a["loss"] == pytest.approx(b["loss"], rel=1e-4), a["step"]

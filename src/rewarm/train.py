@@ -17,6 +17,7 @@ from tqdm import tqdm
 from rewarm import checkpoint, distributed
 from rewarm.config import RunConfig
 from rewarm.evaluate import autocast, evaluate, lm_loss
+from rewarm.fused_loss import head_and_backbone
 from rewarm.rundir import MetricsWriter, RunDir
 from rewarm.schedules import warmup_steps
 from rewarm.setup import RunState, prepare_run
@@ -71,7 +72,13 @@ def _loop(cfg: RunConfig, run: RunDir, st: RunState, stop: "_StopOnSignal", prog
     metrics = MetricsWriter(run.metrics, enabled=d.is_main)
     params = [p for p in model.parameters() if p.requires_grad]
     scaler = torch.amp.GradScaler("cuda") if t.precision == "fp16" else None
-    forward = torch.compile(model) if t.compile else model
+    forward, backbone = model, None
+    if t.compile:
+        parts = head_and_backbone(model)
+        if parts is not None:  # compile the body; the fused head + loss stays outside the graph
+            backbone = torch.compile(parts[0])
+        else:
+            forward = torch.compile(model)
     step = st.step
     bad_in_row = 0
 
@@ -138,7 +145,7 @@ def _loop(cfg: RunConfig, run: RunDir, st: RunState, stop: "_StopOnSignal", prog
         for i, micro in enumerate(micro_batches):
             with distributed.set_grad_sync(model, d, sync=i == len(micro_batches) - 1):
                 with autocast(st.device, t.precision):
-                    loss = lm_loss(forward, micro.to(st.device, non_blocking=True)) / accum
+                    loss = lm_loss(forward, micro.to(st.device, non_blocking=True), backbone=backbone) / accum
                 (scaler.scale(loss) if scaler else loss).backward()
             loss_sum += loss.item()
         loss_sum = d.mean(loss_sum, st.device)  # every rank sees (and agrees on) the global loss
