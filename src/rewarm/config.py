@@ -93,7 +93,7 @@ class TrainConfig:
     global_batch: int = _f(16, "sequences per optimizer step (micro_batch x grad_accum x world_size)")
     micro_batch: int = _f(8, "sequences per forward/backward on one process")
     max_steps: int = _f(100, "optimizer steps; tokens = max_steps x global_batch x seq_len")
-    precision: str = _f("fp32", "fp32 | bf16 (autocast)")
+    precision: str = _f("auto", "auto | fp32 | bf16 (autocast) | fp16 (CUDA); auto = bf16 on GPUs and CPUs with bf16 matrix units, else fp32")
     device: str = _f("auto", "auto | cpu | cuda")
     log_interval: int = _f(1, "write a train line to metrics.jsonl every N steps")
     num_threads: int = _f(0, "torch CPU threads (0 = torch's default)")
@@ -153,7 +153,7 @@ class RunConfig:
 
 CHOICES = {
     "init": ("scratch", "weights", "resume"),
-    "train.precision": ("fp32", "bf16", "fp16"),
+    "train.precision": ("auto", "fp32", "bf16", "fp16"),
     "train.device": ("auto", "cpu", "cuda"),
     "train.on_divergence": ("stop", "rollback"),
     "distributed.strategy": ("ddp", "fsdp"),
@@ -381,7 +381,8 @@ def config_reference() -> str:
             if dataclasses.is_dataclass(default):
                 walk(type(default), key + ".")
                 continue
-            rows.append(f"| `{key}` | `{default!r}` | {f.metadata.get('doc', '')} |")
+            doc = f.metadata.get("doc", "").replace("|", "\\|")  # a bare | would split the Markdown cell
+            rows.append(f"| `{key}` | `{default!r}` | {doc} |")
 
     walk(RunConfig, "")
     return "\n".join(rows)

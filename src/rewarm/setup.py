@@ -8,6 +8,7 @@ The three start modes (DESIGN.md) differ only here:
 from __future__ import annotations
 
 import logging
+import re
 import shutil
 from dataclasses import dataclass
 from pathlib import Path
@@ -50,6 +51,7 @@ class RunState:
     schedule: Callable[[int], float]
     device: torch.device
     start_info: dict
+    precision: str = "fp32"  # train.precision resolved (auto -> fp32 / bf16)
     step: int = 0
     bad_steps: int = 0
     lr_scale: float = 1.0
@@ -83,6 +85,24 @@ class RunState:
             summary["best"][name] = {"loss": best[1], "step": best[0]}
         checkpoint.write_json_atomic(run.summary, summary)
         metrics.write({"event": "end", "step": self.cfg.train.max_steps, "summary": summary})
+
+
+def cpu_has_bf16_units() -> bool:
+    """AMX or AVX512-BF16: the CPUs where bf16 GEMMs beat fp32 (elsewhere they are ~100x slower)."""
+    try:
+        flags = Path("/proc/cpuinfo").read_text()
+    except OSError:
+        return False
+    return bool(re.search(r"\b(amx_bf16|avx512_bf16)\b", flags))
+
+
+def resolve_precision(setting: str, device: torch.device) -> str:
+    """`auto` -> bf16 where it is faster (CUDA with bf16, CPUs with bf16 units), else fp32."""
+    if setting != "auto":
+        return setting
+    if device.type == "cuda":
+        return "bf16" if torch.cuda.is_bf16_supported() else "fp32"
+    return "bf16" if cpu_has_bf16_units() else "fp32"
 
 
 def _resolve_device(name: str) -> torch.device:
@@ -138,7 +158,8 @@ def prepare_run(cfg: RunConfig, run: RunDir, d: Dist, *, overwrite: bool = False
     if device.type == "cuda":
         device = torch.device("cuda", d.local_rank)
     check_batch(cfg.train, d.world)
-    if cfg.train.precision == "fp16" and device.type != "cuda":
+    precision = resolve_precision(cfg.train.precision, device)
+    if precision == "fp16" and device.type != "cuda":
         raise UserError("`train.precision: fp16` needs a CUDA device (it uses a grad scaler); use bf16 or fp32 on CPU.")
     if cfg.checkpoint.keep_last < 1:
         raise UserError("`checkpoint.keep_last` must be >= 1 (the newest checkpoint is what a resume uses).")
@@ -256,12 +277,12 @@ def prepare_run(cfg: RunConfig, run: RunDir, d: Dist, *, overwrite: bool = False
         "source_shares": {s.name: float(w) for s, w in zip(sources, mixture.shares)},
         "eval_tokens": {e.name: e.tokens for e in eval_sets},
         "world_size": d.world, "strategy": cfg.distributed.strategy if d.active else "single",
-        "precision": cfg.train.precision,
+        "precision": precision,
     }
     log.info("%s: %s params, %d steps x %d tokens, lr %s from step %d", run.path, f"{n_params:,}",
              cfg.train.max_steps, start_info["tokens_per_step"], cfg.schedule.name, step)
     d.barrier()
     return RunState(cfg=cfg, model=model, raw_model=raw_model, dist=d, optimizer=opt, tokenizer=tokenizer, mixture=mixture,
                     eval_sets=eval_sets, schedule=build_schedule(cfg.schedule, cfg.train.max_steps),
-                    device=device, start_info=start_info, step=step, bad_steps=bad_steps, lr_scale=lr_scale,
+                    device=device, start_info=start_info, precision=precision, step=step, bad_steps=bad_steps, lr_scale=lr_scale,
                     last_logged_step=step)

@@ -71,7 +71,7 @@ def _loop(cfg: RunConfig, run: RunDir, st: RunState, stop: "_StopOnSignal", prog
     dense_end = warmup_steps(cfg.eval.dense_until or cfg.schedule.warmup, t.max_steps)
     metrics = MetricsWriter(run.metrics, enabled=d.is_main)
     params = [p for p in model.parameters() if p.requires_grad]
-    scaler = torch.amp.GradScaler("cuda") if t.precision == "fp16" else None
+    scaler = torch.amp.GradScaler("cuda") if st.precision == "fp16" else None
     forward, backbone = model, None
     if t.compile:
         parts = head_and_backbone(model)
@@ -89,7 +89,7 @@ def _loop(cfg: RunConfig, run: RunDir, st: RunState, stop: "_StopOnSignal", prog
         # DDP: each rank scores its share of windows on the plain module; FSDP: all ranks score all
         sharded = d.active and d.strategy == "ddp"
         results = evaluate(distributed.unwrap(model) if sharded else model, st.eval_sets, cfg.eval.batch, st.device,
-                           t.precision, rank=d.rank if sharded else 0, world=d.world if sharded else 1,
+                           st.precision, rank=d.rank if sharded else 0, world=d.world if sharded else 1,
                            reduce=(lambda xs: d.sum(xs, st.device)) if sharded else None)
         metrics.write({"event": "eval", "step": step, "tokens": step * tokens_per_step, "sets": results})
         if d.is_main:
@@ -144,7 +144,7 @@ def _loop(cfg: RunConfig, run: RunDir, st: RunState, stop: "_StopOnSignal", prog
         loss_sum = 0.0
         for i, micro in enumerate(micro_batches):
             with distributed.set_grad_sync(model, d, sync=i == len(micro_batches) - 1):
-                with autocast(st.device, t.precision):
+                with autocast(st.device, st.precision):
                     loss = lm_loss(forward, micro.to(st.device, non_blocking=True), backbone=backbone) / accum
                 (scaler.scale(loss) if scaler else loss).backward()
             loss_sum += loss.item()
