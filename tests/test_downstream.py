@@ -158,8 +158,9 @@ def test_unknown_task_lists_the_available_ones(trained_run):
 
 def test_missing_task_data_names_the_install_command(trained_run, tmp_path):
     env = {**os.environ, "REWARM_TASKS_DIR": str(tmp_path / "empty")}
-    proc = run_cli("downstream", str(trained_run / "final"), "--tasks", "arc_easy", "--limit", "2", env=env)
-    assert_user_error(proc, "not installed", "rewarm tasks install")
+    for task in ("arc_easy", "mmlu"):
+        proc = run_cli("downstream", str(trained_run / "final"), "--tasks", task, "--limit", "2", env=env)
+        assert_user_error(proc, f"task data for `{task}` is not installed", "rewarm tasks install")
 
 
 def test_tokenizer_that_does_not_fit_the_model_is_refused(trained_run, tmp_path):

@@ -45,7 +45,7 @@ class RunDir:
                 pid = int(self.lock.read_text().strip() or 0)
             except ValueError:
                 pid = 0
-            if pid and pid != os.getpid() and _alive(pid):
+            if pid and pid != os.getpid() and pid_alive(pid):
                 raise UserError(
                     f"run directory {self.path} is in use by process {pid}. Wait for it to finish, "
                     f"or stop it; a lock from a dead process is taken over automatically."
@@ -76,7 +76,7 @@ class RunDir:
         os.replace(tmp, self.metrics)
 
 
-def _alive(pid: int) -> bool:
+def pid_alive(pid: int) -> bool:
     try:
         os.kill(pid, 0)
     except ProcessLookupError:

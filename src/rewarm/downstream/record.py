@@ -9,7 +9,7 @@ from pathlib import Path
 from typing import Any
 
 from rewarm.checkpoint import write_json_atomic
-from rewarm.rundir import RunDir, _alive
+from rewarm.rundir import RunDir, pid_alive
 
 log = logging.getLogger(__name__)
 
@@ -60,4 +60,4 @@ def _lock_holder(run: RunDir) -> int | None:
         pid = int(run.lock.read_text().strip() or 0)
     except (FileNotFoundError, ValueError):
         return None
-    return pid if pid and _alive(pid) else None
+    return pid if pid and pid_alive(pid) else None

@@ -170,6 +170,12 @@ def _unknown(name: str, root: Path | None, known_stock: frozenset[str] | list[st
 def check_names(names: list[str], root: Path | None = None) -> list[str]:
     """Expand `mmlu`, reject unknown names and missing local data: cheap (no lm-eval index), so a
     command or a training run fails on a typo before it loads a model or trains a step."""
+    def not_installed(name: str) -> UserError:
+        return UserError(f"task data for `{name}` is not installed. Run: rewarm tasks install "
+                         f"(puts it in {root or tasks_dir()}; set REWARM_TASKS_DIR to choose another place).")
+
+    if "mmlu" in names and not (data_root(root) / MMLU_DATA).is_dir():
+        raise not_installed("mmlu")
     names = expand(names, root)
     for name in names:
         src = _local_source(name)
@@ -179,8 +185,7 @@ def check_names(names: list[str], root: Path | None = None) -> list[str]:
             continue
         if not (data_root(root) / src[1]).is_dir():
             if not is_installed(root):
-                raise UserError(f"task data for `{name}` is not installed. Run: rewarm tasks install "
-                                f"(puts it in {root or tasks_dir()}; set REWARM_TASKS_DIR to choose another place).")
+                raise not_installed(name)
             raise _unknown(name, root)
     return names
 
