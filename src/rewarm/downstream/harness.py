@@ -34,10 +34,10 @@ CHOICE_METRICS = ("logp_gold", "p_gold", "p_choices_gold", "p_incorrect", "brier
 
 def require_lm_eval() -> None:
     try:
-        import lm_eval  # noqa: F401
-    except ImportError:
-        raise UserError("downstream evaluation needs lm-evaluation-harness: pip install 'rewarm[downstream]' "
-                        "(or pip install lm_eval).") from None
+        import lm_eval.models.huggingface  # noqa: F401  (needs lm_eval's [hf] extra: accelerate, peft)
+    except ImportError as exc:
+        raise UserError(f"downstream evaluation needs lm-evaluation-harness with its HF extra ({exc}): "
+                        f"pip install 'rewarm[downstream]' (or pip install 'lm_eval[hf]').") from None
 
 
 def check_tokenizer(model: torch.nn.Module, tokenizer) -> None:
