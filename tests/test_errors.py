@@ -86,6 +86,16 @@ def test_resume_without_checkpoint_and_with_config_drift(tmp_path, shards):
     assert cli_train(tmp_path, cfg).returncode == 0
     drift = cli_train(tmp_path, dict(cfg, seed=5), "--resume")
     assert_user_error(drift, "changes the run", "seed: 0 -> 5", "--allow-config-change")
+    # spelling out what `precision: auto` resolves to here is the same run, not drift
+    import torch
+
+    from rewarm.setup import resolve_precision
+
+    same = cli_train(tmp_path, {**cfg, "train": {**cfg["train"], "precision": resolve_precision("auto", torch.device("cpu"))}}, "--resume")
+    assert same.returncode == 0, same.stderr[-2000:]
+    other = "bf16" if resolve_precision("auto", torch.device("cpu")) == "fp32" else "fp32"
+    changed = cli_train(tmp_path, {**cfg, "train": {**cfg["train"], "precision": other}}, "--resume")
+    assert_user_error(changed, "changes the run", "train.precision")
 
 
 def test_impossible_warmup_and_bad_weights():

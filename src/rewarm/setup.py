@@ -125,7 +125,7 @@ def _check_downstream(cfg: RunConfig, d: Dist) -> None:
     check_names(cfg.eval.downstream.tasks)
 
 
-def _check_drift(saved: dict, current: dict, allow: bool) -> None:
+def _check_drift(saved: dict, current: dict, allow: bool, device: torch.device) -> None:
     def flat(d: dict, prefix: str = "") -> dict:
         out = {}
         for k, v in d.items():
@@ -134,6 +134,9 @@ def _check_drift(saved: dict, current: dict, allow: bool) -> None:
         return out
 
     a, b = flat(saved), flat(current)
+    for cfg in (a, b):  # `auto` and what it resolves to on this machine are the same run
+        if cfg.get("train.precision") == "auto":
+            cfg["train.precision"] = resolve_precision("auto", device)
     diff = [f"  {k}: {a.get(k)!r} -> {b.get(k)!r}" for k in sorted(set(a) | set(b))
             if a.get(k) != b.get(k) and k not in RESUME_SAFE_KEYS]
     if diff and not allow:
@@ -175,7 +178,7 @@ def prepare_run(cfg: RunConfig, run: RunDir, d: Dist, *, overwrite: bool = False
             )
         resume_from, resume_state = found
         if run.config.exists():
-            _check_drift(yaml.safe_load(run.config.read_text()), to_dict(cfg), allow_config_change)
+            _check_drift(yaml.safe_load(run.config.read_text()), to_dict(cfg), allow_config_change, device)
     elif run.has_started() and d.is_main:
         if not overwrite:
             raise UserError(
