@@ -41,17 +41,22 @@ class RunDir:
             raise UserError(f"cannot write the run directory {self.path}: {exc.strerror or exc}. "
                             f"Choose a writable `out_dir`.") from None
         if self.lock.exists():
-            try:
-                pid = int(self.lock.read_text().strip() or 0)
-            except ValueError:
-                pid = 0
-            if pid and pid != os.getpid() and pid_alive(pid):
+            holder = self.lock_holder()
+            if holder and holder != os.getpid():
                 raise UserError(
-                    f"run directory {self.path} is in use by process {pid}. Wait for it to finish, "
+                    f"run directory {self.path} is in use by process {holder}. Wait for it to finish, "
                     f"or stop it; a lock from a dead process is taken over automatically."
                 )
-            log.warning("taking over stale lock of dead process %s on %s", pid, self.path)
+            log.warning("taking over stale lock left by a dead process on %s", self.path)
         self.lock.write_text(str(os.getpid()))
+
+    def lock_holder(self) -> int | None:
+        """The pid of the live process that holds this run's lock, if any."""
+        try:
+            pid = int(self.lock.read_text().strip() or 0)
+        except (FileNotFoundError, ValueError):
+            return None
+        return pid if pid and pid_alive(pid) else None
 
     def release_lock(self) -> None:
         try:
@@ -69,11 +74,7 @@ class RunDir:
         if not self.metrics.exists():
             return
         kept = [e for e in iter_metrics(self.metrics) if e.get("step", 0) <= step or e.get("event") == "rollback"]
-        tmp = self.metrics.with_name(f".{self.metrics.name}.tmp-{os.getpid()}")
-        with open(tmp, "w") as fh:
-            for e in kept:
-                fh.write(json.dumps(e) + "\n")
-        os.replace(tmp, self.metrics)
+        write_jsonl_atomic(self.metrics, kept)
 
 
 def pid_alive(pid: int) -> bool:
@@ -84,6 +85,16 @@ def pid_alive(pid: int) -> bool:
     except PermissionError:
         return True
     return True
+
+
+def write_jsonl_atomic(path: Path, rows: list[dict]) -> None:
+    """One JSON object per line, written to a temporary name and renamed over `path`."""
+    path = Path(path)
+    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
+    with open(tmp, "w") as fh:
+        for row in rows:
+            fh.write(json.dumps(row) + "\n")
+    os.replace(tmp, path)
 
 
 def iter_metrics(path: Path) -> Iterator[dict]:

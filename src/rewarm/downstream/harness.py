@@ -26,6 +26,7 @@ import numpy as np
 import torch
 
 from rewarm.errors import UserError
+from rewarm.rundir import write_jsonl_atomic
 
 log = logging.getLogger(__name__)
 
@@ -82,7 +83,8 @@ def run_tasks(model: torch.nn.Module, tokenizer, tasks: list[str], *, limit: int
         samples = out["samples"].get(name, [])
         row["n"] = len(samples)
         if getattr(task, "OUTPUT_TYPE", None) == "multiple_choice":
-            per_sample = [choice_quantities(s, gold_indices(task, s["doc"])) for s in samples]
+            per_sample = [choice_quantities(s, gold_indices(task, s["doc"]), len(task.doc_to_choice(s["doc"])))
+                          for s in samples]
             row.update(summarise(per_sample))
         results[name] = row
         sample_rows += _sample_rows(name, task, samples)
@@ -109,9 +111,9 @@ def gold_indices(task, doc: dict) -> list[int]:
     return out
 
 
-def choice_quantities(sample: dict, gold: list[int]) -> dict[str, float]:
-    """Per-sample logp_gold, p_gold, p_choices_gold, p_incorrect, brier from the logged (ll, is_greedy) pairs."""
-    n_choices = len(sample["arguments"]) if "arguments" in sample else len(sample["filtered_resps"])
+def choice_quantities(sample: dict, gold: list[int], n_choices: int) -> dict[str, float]:
+    """Per-sample logp_gold, p_gold, p_choices_gold, p_incorrect, brier from the logged (ll, is_greedy)
+    pairs; only the first `n_choices` are the choices (mutual-info tasks append unconditional ones)."""
     ll = np.array([float(r[0]) for r in sample["filtered_resps"]][:n_choices], dtype=np.float64)
     is_gold = np.zeros(len(ll), dtype=bool)
     is_gold[gold] = True
@@ -179,18 +181,6 @@ def _sample_rows(name: str, task, samples: list[dict]) -> list[dict]:
         row.update({m: s[m] for m in s.get("metrics", []) if isinstance(s.get(m), (int, float))})
         rows.append(row)
     return rows
-
-
-def write_jsonl_atomic(path: Path, rows: list[dict]) -> None:
-    import json
-    import os
-
-    path = Path(path)
-    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
-    with open(tmp, "w") as fh:
-        for row in rows:
-            fh.write(json.dumps(row) + "\n")
-    os.replace(tmp, path)
 
 
 @contextlib.contextmanager

@@ -9,7 +9,7 @@ from pathlib import Path
 from typing import Any
 
 from rewarm.checkpoint import write_json_atomic
-from rewarm.rundir import RunDir, pid_alive
+from rewarm.rundir import RunDir
 
 log = logging.getLogger(__name__)
 
@@ -45,7 +45,7 @@ def record(model_dir: Path, results: dict[str, Any], settings: dict[str, Any], o
     write_json_atomic(out, doc)
     if ctx:
         run = ctx[0]
-        holder = _lock_holder(run)
+        holder = run.lock_holder()
         if holder:
             log.warning("run %s is in use by process %d: not adding to its metrics.jsonl (results are in %s)",
                         run.path, holder, out)
@@ -54,10 +54,3 @@ def record(model_dir: Path, results: dict[str, Any], settings: dict[str, Any], o
                 fh.write(json.dumps(event(step, tokens, results, settings, "standalone")) + "\n")
     return out
 
-
-def _lock_holder(run: RunDir) -> int | None:
-    try:
-        pid = int(run.lock.read_text().strip() or 0)
-    except (FileNotFoundError, ValueError):
-        return None
-    return pid if pid and pid_alive(pid) else None
