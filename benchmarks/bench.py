@@ -33,10 +33,10 @@ import torch.nn.functional as F
 
 from rewarm import corpora
 from rewarm.config import config_from_dict
-from rewarm.data.prepare import prepare
-from rewarm.data.sources import ReadStats, file_documents
 from rewarm.data.mixture import Mixture, Source
+from rewarm.data.prepare import prepare
 from rewarm.data.shards import TokenShards
+from rewarm.data.sources import ReadStats, file_documents
 from rewarm.evaluate import EvalSet, evaluate
 from rewarm.model import build_config, init_scratch
 from rewarm.tokenizer import load_tokenizer, train_tokenizer

@@ -19,7 +19,7 @@ STEPS = {"train.max_steps": 20, "eval.interval": 10, "checkpoint.interval": 10, 
 
 
 def torchrun(cfg: Path, *extra: str, timeout: int = 300) -> subprocess.CompletedProcess:
-    return run_cli("train", str(cfg), "-q", "--nproc", "2", *extra, timeout=timeout)
+    return run_cli("train", str(cfg), "-q", "--nproc", "2", *extra, timeout=timeout, subprocess=True)
 
 
 def strip(events):

@@ -8,14 +8,35 @@ from rewarm.config import config_reference, load_config
 from rewarm.errors import UserError
 
 
-def cli_train(tmp_path, cfg, *extra):
-    return run_cli("train", str(write_config(tmp_path / "run.yaml", cfg)), "-q", *extra)
+def cli_train(tmp_path, cfg, *extra, subprocess=False):
+    return run_cli("train", str(write_config(tmp_path / "run.yaml", cfg)), "-q", *extra, subprocess=subprocess)
 
 
 def test_unknown_key_suggests_the_closest(tmp_path, shards):
+    """The contract on a real process: exit 2, the message on stderr, no traceback, nothing on disk."""
     cfg = small_run_config(tmp_path / "r", shards)
     cfg["train"]["max_step"] = 5
-    assert_user_error(cli_train(tmp_path, cfg), "unknown config key `train.max_step`", "did you mean `max_steps`")
+    assert_user_error(cli_train(tmp_path, cfg, subprocess=True), "unknown config key `train.max_step`", "did you mean `max_steps`")
+    assert not (tmp_path / "r").exists()
+
+
+@pytest.mark.parametrize("key, value, needle", [
+    ("train.log_interval", 0, "`train.log_interval` must be >= 1"),
+    ("eval.interval", -5, "`eval.interval` must be >= 1"),
+    ("eval.interval_warmup", -1, "`eval.interval_warmup` must be >= 0"),
+    ("checkpoint.interval", -1, "`checkpoint.interval` must be >= 0"),
+    ("checkpoint.keep_last", 0, "`checkpoint.keep_last` must be >= 1"),
+    ("eval.downstream.every", -2, "`eval.downstream.every` must be >= 0"),
+    ("train.max_bad_steps", -1, "`train.max_bad_steps` must be >= 0"),
+    ("train.num_threads", -4, "`train.num_threads` must be >= 0"),
+    ("train.rollback_lr_factor", 0, "`train.rollback_lr_factor` must be in (0, 1]"),
+    ("checkpoint.keep_steps", [3, -1], "`checkpoint.keep_steps` must be a list of step numbers"),
+    ("schedule.name", "cosin", "did you mean `cosine`"),
+])
+def test_intervals_and_counts_are_validated(tmp_path, shards, key, value, needle):
+    """log_interval 0 used to pass validation and crash with ZeroDivisionError after step 1."""
+    cfg = small_run_config(tmp_path / "r", shards, **{key: value})
+    assert_user_error(cli_train(tmp_path, cfg), needle)
     assert not (tmp_path / "r").exists()
 
 
@@ -89,7 +110,7 @@ def test_resume_without_checkpoint_and_with_config_drift(tmp_path, shards):
     # spelling out what `precision: auto` resolves to here is the same run, not drift
     import torch
 
-    from rewarm.setup import resolve_precision
+    from rewarm.start import resolve_precision
 
     same = cli_train(tmp_path, {**cfg, "train": {**cfg["train"], "precision": resolve_precision("auto", torch.device("cpu"))}}, "--resume")
     assert same.returncode == 0, same.stderr[-2000:]

@@ -5,8 +5,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from rewarm.evaluate import lm_loss
-from rewarm.fused_loss import head_and_backbone, linear_cross_entropy
+from rewarm.fused_loss import head_and_backbone, linear_cross_entropy, lm_loss
 from rewarm.model import build_config, init_scratch
 
 

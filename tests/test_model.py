@@ -37,8 +37,26 @@ def test_save_and_load_through_the_hub_code_path(tmp_path):
     assert torch.equal(plain.state_dict()["lm_head.weight"], model.state_dict()["lm_head.weight"])
     with pytest.raises(UserError, match="no config.json"):
         load_pretrained(str(tmp_path))
-    with pytest.raises(UserError, match="could not load model weights"):
+    with pytest.raises(UserError, match="could not load a model config from .*missing-model.*hub id"):
         load_pretrained(str(tmp_path / "missing-model"), revision="step143000")
+    (tmp_path / "noweights").mkdir()
+    (tmp_path / "noweights" / "config.json").write_text((out / "config.json").read_text())
+    with pytest.raises(UserError, match="could not load model weights from .*noweights.*safetensors"):
+        load_pretrained(str(tmp_path / "noweights"))
+
+
+def test_overrides_apply_the_same_to_presets_and_loaded_models(tmp_path):
+    """`model.overrides` goes through one function whether the config comes from a preset or a saved model."""
+    small = {"num_hidden_layers": 1, "hidden_size": 32, "num_attention_heads": 2, "intermediate_size": 64}
+    out = save_model(init_scratch(build_config("tiny", None, small, 300, None, 0), seed=3), tmp_path / "m")
+    loaded = load_pretrained(str(out), overrides={"attention_dropout": 0.25, "layer_norm_eps": 1e-3})
+    preset = build_config("tiny", None, {**small, "attention_dropout": 0.25, "layer_norm_eps": 1e-3}, 300, None, 0)
+    assert (loaded.config.attention_dropout, loaded.config.layer_norm_eps) == (0.25, 1e-3)
+    assert (preset.attention_dropout, preset.layer_norm_eps) == (0.25, 1e-3)
+    for bad in (lambda: load_pretrained(str(out), overrides={"hiden_size": 64}),
+                lambda: build_config("tiny", None, {"hiden_size": 64}, 300, None, 0)):
+        with pytest.raises(UserError, match="`model.overrides.hiden_size` is not a field.*did you mean `hidden_size`"):
+            bad()
 
 
 def test_same_seed_same_init():

@@ -73,24 +73,58 @@ def test_corrupted_checkpoints_are_skipped_on_resume(tmp_path, shards):
     (ck / "step_000004" / "trainer_state.pt").unlink()  # missing trainer state
     assert "bytes" in checkpoint.verify(ck / "step_000006") and "missing" in checkpoint.verify(ck / "step_000004")
     path, state = checkpoint.load_latest(ck)
-    assert path.name == "step_000002" and state["step"] == 2
+    assert path.name == "step_000002" and state.step == 2
     resumed = train(config_from_dict(dict(cfg, init="resume")), progress=False)
     assert [e for e in metrics(resumed.path) if e["event"] in ("train", "eval")] == before
 
 
 def test_locked_run_directory(tmp_path, shards):
     cfg = write_config(tmp_path / "c.yaml", small_run_config(tmp_path / "r", shards, **{"train.max_steps": 3, "eval.interval": 3}))
-    (tmp_path / "r").mkdir()
-    sleeper = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(60)"])
+    holder = subprocess.Popen([sys.executable, "-c", HOLD_LOCK, str(tmp_path / "r")], stdout=subprocess.PIPE, text=True)
     try:
-        (tmp_path / "r" / ".lock").write_text(str(sleeper.pid))
-        assert_user_error(run_cli("train", str(cfg), "-q"), f"in use by process {sleeper.pid}")
+        assert holder.stdout.readline().strip() == "locked"
+        assert_user_error(run_cli("train", str(cfg), "-q"), f"in use by process {holder.pid}")
     finally:
-        sleeper.kill()
-        sleeper.wait()
-    proc = run_cli("train", str(cfg), "-q")  # the holder is dead now: the stale lock is taken over
-    assert proc.returncode == 0 and "stale lock" in proc.stderr
+        holder.kill()  # SIGKILL: the lock file stays behind with a dead pid in it
+        holder.wait()
+    assert (tmp_path / "r" / ".lock").read_text() == str(holder.pid)
+    proc = run_cli("train", str(cfg), "-q")  # the kernel dropped the dead holder's lock: taken over
+    assert proc.returncode == 0 and "stale lock" in proc.stderr, proc.stderr
     assert not (tmp_path / "r" / ".lock").exists()
+
+
+HOLD_LOCK = "import sys, time; from rewarm.rundir import RunDir; RunDir(sys.argv[1]).acquire_lock(); print('locked', flush=True); time.sleep(120)"
+
+
+def test_two_processes_starting_together_exactly_one_gets_the_lock(tmp_path):
+    """The lock is an exclusive flock: of two processes released by a barrier, one wins, every time."""
+    script = tmp_path / "race.py"
+    script.write_text(RACE)
+    for trial in range(8):
+        run_dir = tmp_path / f"r{trial}"
+        barrier = tmp_path / f"go{trial}"
+        procs = [subprocess.Popen([sys.executable, str(script), str(run_dir), str(barrier)], stdout=subprocess.PIPE, text=True)
+                 for _ in range(2)]
+        time.sleep(0.3)  # both are waiting at the barrier
+        barrier.write_text("")
+        outcomes = sorted(p.communicate(timeout=60)[0].strip() for p in procs)
+        assert outcomes == ["busy", "won"], (trial, outcomes)
+
+
+RACE = """
+import os, sys, time
+from rewarm.errors import UserError
+from rewarm.rundir import RunDir
+run, barrier = RunDir(sys.argv[1]), sys.argv[2]
+while not os.path.exists(barrier):
+    time.sleep(0.001)
+try:
+    run.acquire_lock()
+    print("won", flush=True)
+    time.sleep(1.0)  # hold it while the other one tries
+except UserError:
+    print("busy", flush=True)
+"""
 
 
 def test_unwritable_run_directory(tmp_path, shards):

@@ -117,3 +117,18 @@ def test_parse_spec():
     assert (s.name, s.max_lr, s.decay_shape, s.warmup) == ("wsd", 6e-4, "linear", 0.02)
     with pytest.raises(UserError, match="max_lr"):
         parse_spec("cosine:max_lrr=1")
+
+
+def test_config_declares_exactly_the_schedules_that_exist():
+    """config validates `schedule.name` against its own list (it does not import schedules)."""
+    from rewarm.config import SCHEDULE_NAMES
+
+    assert set(SCHEDULE_NAMES) == set(SCHEDULES)
+
+
+def test_config_does_not_import_schedules():
+    import subprocess
+    import sys
+
+    code = "import sys, rewarm.config; print('rewarm.schedules' in sys.modules)"
+    assert subprocess.run([sys.executable, "-c", code], capture_output=True, text=True).stdout.strip() == "False"

@@ -138,13 +138,3 @@ def test_compiled_body_trains_like_eager(tmp_path, shards, finished_run):
     assert [e["step"] for e in compiled] == [e["step"] for e in eager]
     for a, b in zip(compiled, eager):
         assert a["loss"] == pytest.approx(b["loss"], rel=1e-4), a["step"]
-
-
-def test_precision_auto_picks_bf16_only_where_it_is_faster(finished_run):
-    from rewarm.setup import cpu_has_bf16_units, resolve_precision
-
-    start = metrics(finished_run[0].path, "start")[0]
-    assert finished_run[1].train.precision == "auto"
-    assert start["precision"] == ("bf16" if cpu_has_bf16_units() else "fp32")
-    assert resolve_precision("fp32", torch.device("cpu")) == "fp32"
-    assert resolve_precision("bf16", torch.device("cpu")) == "bf16"

@@ -11,13 +11,18 @@ from __future__ import annotations
 import hashlib
 import json
 import logging
-import os
 import re
 import shutil
 from pathlib import Path
-from typing import Any
 
 import torch
+
+from rewarm import atomic
+from rewarm.errors import DiskFull
+from rewarm.rundir import pid_alive
+from rewarm.state import TrainerState, restore_rng
+
+__all__ = ["DiskFull", "TrainerState", "save", "verify", "load_latest", "load_trainer_state", "prune", "step_of", "restore"]
 
 log = logging.getLogger(__name__)
 
@@ -30,6 +35,12 @@ def step_dir(root: Path, step: int) -> Path:
     return root / f"step_{step:06d}"
 
 
+def step_of(path: Path) -> int | None:
+    """N for a directory named step_N (a checkpoint), else None."""
+    m = STEP_DIR.match(Path(path).name)
+    return int(m.group(1)) if m else None
+
+
 def _sha256(path: Path) -> str:
     h = hashlib.sha256()
     with open(path, "rb") as fh:
@@ -38,29 +49,15 @@ def _sha256(path: Path) -> str:
     return h.hexdigest()
 
 
-def write_json_atomic(path: Path, obj: Any) -> None:
-    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
-    with open(tmp, "w") as fh:
-        json.dump(obj, fh, indent=2)
-        fh.flush()
-        os.fsync(fh.fileno())
-    os.replace(tmp, path)
-
-
-class DiskFull(Exception):
-    """Not enough space for a checkpoint; the previous checkpoints are untouched."""
-
-    exit_code = 4
-
-
 def expected_size(model: torch.nn.Module) -> int:
     """Weights + two AdamW moments, +10% for tokenizer, config and pickling."""
     weights = sum(p.numel() * p.element_size() for p in model.parameters())
     return int(weights * 3 * 1.1)
 
 
-def save(root: Path, step: int, model: torch.nn.Module, tokenizer, trainer_state: dict, state_dict: dict | None = None) -> Path:
-    """Write checkpoints/step_N atomically; returns its path. Checks free space first."""
+def save(root: Path, model: torch.nn.Module, tokenizer, state: TrainerState, state_dict: dict | None = None) -> Path:
+    """Write checkpoints/step_N (N = state.step) atomically; returns its path. Checks free space first."""
+    step = state.step
     root.mkdir(parents=True, exist_ok=True)
     need, free = expected_size(model), shutil.disk_usage(root).free
     if free < need:
@@ -68,13 +65,13 @@ def save(root: Path, step: int, model: torch.nn.Module, tokenizer, trainer_state
                        f"{free / 1e6:.1f} MB free. Free space (or lower checkpoint.keep_last), then --resume; "
                        f"earlier checkpoints are intact.")
     final = step_dir(root, step)
-    tmp = root / f".{final.name}.tmp-{os.getpid()}"
+    tmp = atomic.temp_path(final)
     shutil.rmtree(tmp, ignore_errors=True)
     try:
         model.save_pretrained(tmp, safe_serialization=True, state_dict=state_dict)
         if tokenizer is not None:
             tokenizer.save_pretrained(tmp)
-        torch.save(trainer_state, tmp / TRAINER_STATE)
+        torch.save(state.to_dict(), tmp / TRAINER_STATE)
     except OSError as exc:
         shutil.rmtree(tmp, ignore_errors=True)
         if exc.errno == 28:  # ENOSPC
@@ -83,11 +80,8 @@ def save(root: Path, step: int, model: torch.nn.Module, tokenizer, trainer_state
         raise
     files = sorted(p for p in tmp.iterdir() if p.is_file())
     manifest = {"step": step, "files": {p.name: {"size": p.stat().st_size, "sha256": _sha256(p)} for p in files}}
-    write_json_atomic(tmp / MANIFEST, manifest)
-    if final.exists():
-        shutil.rmtree(final)
-    os.replace(tmp, final)
-    return final
+    atomic.write_json(tmp / MANIFEST, manifest)
+    return atomic.commit(tmp, final)
 
 
 def verify(path: Path) -> str | None:
@@ -123,7 +117,7 @@ def list_steps(root: Path) -> list[tuple[int, Path]]:
     return sorted(out)
 
 
-def load_latest(root: Path, before: int | None = None) -> tuple[Path, dict] | None:
+def load_latest(root: Path, before: int | None = None) -> tuple[Path, TrainerState] | None:
     """Newest intact checkpoint (path, trainer_state) — older than step `before` if given —
     skipping broken ones with a warning."""
     for step, path in reversed(list_steps(root)):
@@ -137,8 +131,8 @@ def load_latest(root: Path, before: int | None = None) -> tuple[Path, dict] | No
     return None
 
 
-def load_trainer_state(path: Path) -> dict:
-    return torch.load(path / TRAINER_STATE, map_location="cpu", weights_only=True)
+def load_trainer_state(path: Path) -> TrainerState:
+    return TrainerState.from_dict(torch.load(Path(path) / TRAINER_STATE, map_location="cpu", weights_only=True))
 
 
 def prune(root: Path, keep_last: int, keep_steps: set[int]) -> None:
@@ -147,5 +141,19 @@ def prune(root: Path, keep_last: int, keep_steps: set[int]) -> None:
     removable = [(s, p) for s, p in steps if s not in keep_steps]
     for s, p in removable[: max(len(removable) - keep_last, 0)]:
         shutil.rmtree(p, ignore_errors=True)
-    for p in root.glob(".step_*.tmp-*"):
-        shutil.rmtree(p, ignore_errors=True)
+    for p in root.glob(".step_*.tmp-*"):  # interrupted writes, unless their writer is still alive
+        pid = p.name.rsplit("-", 1)[-1]
+        if not (pid.isdigit() and pid_alive(int(pid))):
+            shutil.rmtree(p, ignore_errors=True)
+
+
+def restore(path: Path, state: TrainerState, model: torch.nn.Module, optimizer: torch.optim.Optimizer, d) -> None:
+    """Back to a saved point, for resume and rollback alike: the checkpoint's weights into the
+    live (maybe DDP/FSDP-wrapped) model, its optimizer moments, and its RNG states. The counters
+    (step, bad steps, LR scale) are the caller's to take from `state`: a rollback keeps its own."""
+    from rewarm import distributed
+    from rewarm.model import load_pretrained
+
+    distributed.load_model_state(model, load_pretrained(str(path)).state_dict(), d)
+    distributed.load_optimizer_state(model, optimizer, state.optimizer, d)
+    restore_rng(state.rng)

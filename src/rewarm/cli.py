@@ -10,7 +10,7 @@ import logging
 import os
 import sys
 
-from rewarm.errors import UserError
+from rewarm.errors import RewarmError, UserError
 
 
 def _cmd_tokenizer_train(args: argparse.Namespace) -> int:
@@ -198,9 +198,50 @@ def _cmd_schedule_plot(args: argparse.Namespace) -> int:
 
 
 def _cmd_sweep(args: argparse.Namespace) -> int:
-    from rewarm.sweep import main_sweep
+    from pathlib import Path
 
-    return main_sweep(args.sweep, args.dry_run, args.print_commands, args.slurm_array, args.nproc, not args.quiet)
+    from rewarm import atomic
+    from rewarm.sweep import expand, launch_commands, load_sweep, run_all, slurm_array, status, write_configs
+
+    spec = load_sweep(args.sweep)
+    runs = expand(spec)
+    root = Path(spec["out_dir"])
+    if args.dry_run:
+        for r in runs:
+            print(f"{status(r):>8}  {r.name:<32} {r.out_dir}")
+        print(f"{len(runs)} runs in {root}")
+        return 0
+    configs = write_configs(runs, root)
+    if args.print_commands or args.slurm_array:
+        if args.print_commands:
+            print("\n".join(launch_commands(configs, args.nproc)))
+        if args.slurm_array:
+            atomic.write_text(args.slurm_array, slurm_array(configs, spec.get("name", Path(args.sweep).stem)))
+            print(f"wrote SLURM array script {args.slurm_array} ({len(configs)} tasks): sbatch {args.slurm_array}", file=sys.stderr)
+        return 0
+    results = run_all(runs, not args.quiet)
+    failed = {k: v for k, v in results.items() if v.startswith("failed")}
+    for name, what in results.items():
+        print(f"{name:<32} {what}")
+    print(f"sweep {root}: {len(results) - len(failed)} ok, {len(failed)} failed. Report: rewarm report {root} -o {root}/report")
+    return 1 if failed else 0
+
+
+def _cmd_demo(args: argparse.Namespace) -> int:
+    from pathlib import Path
+
+    from rewarm.demo import run_demo
+
+    result = run_demo(Path(args.out), quick=args.quick, progress=not args.quiet)
+    print()
+    print(result["findings_markdown"])
+    print()
+    failed = {k: v for k, v in result["runs"].items() if v.startswith("failed")}
+    print(f"runs: {result['runs_dir']}   report: {result['report']}   ({result['wall_time_s']:.0f} s)")
+    if failed:
+        print(f"failed runs: {failed}")
+        return 1
+    return 0
 
 
 def _cmd_report(args: argparse.Namespace) -> int:
@@ -318,9 +359,11 @@ def build_parser() -> argparse.ArgumentParser:
     cr = sub.add_parser("config", help="config tools").add_subparsers(dest="cfg_command", required=True)
     cr.add_parser("reference", help="print every config key, default and meaning").set_defaults(func=_cmd_config_reference)
 
-    from rewarm.demo import add_demo_parser
-
-    add_demo_parser(sub)
+    dm = sub.add_parser("demo", help="reproduce the papers' continual pre-training findings on real corpora (CPU)")
+    dm.add_argument("--out", default="demo_out", help="working directory (data, tokenizer, runs, report)")
+    dm.add_argument("--quick", action="store_true", help="fewer steps and tokens, same pipeline (~3 minutes)")
+    dm.add_argument("-q", "--quiet", action="store_true", help="no progress bars")
+    dm.set_defaults(func=_cmd_demo)
     return p
 
 
@@ -328,7 +371,7 @@ def main(argv: list[str] | None = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.DEBUG if args.verbose else logging.INFO,
-                        format="%(levelname)s %(name)s: %(message)s", stream=sys.stderr)
+                        format="%(levelname)s %(name)s: %(message)s", stream=sys.stderr, force=True)
     try:
         from transformers.utils import logging as hf_logging
 
@@ -342,9 +385,6 @@ def main(argv: list[str] | None = None) -> int:
     except UserError as exc:
         print(f"error: {exc}", file=sys.stderr)
         return exc.exit_code
-    except Exception as exc:  # Preempted carries its own exit code and message
-        code = getattr(exc, "exit_code", None)
-        if code is None:
-            raise
+    except RewarmError as exc:  # diverged, disk full, pre-empted: a message and its own exit code
         print(str(exc), file=sys.stderr)
-        return code
+        return exc.exit_code

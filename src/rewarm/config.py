@@ -151,7 +151,10 @@ class RunConfig:
     distributed: DistributedConfig = _f(DistributedConfig(), "multi-process training")
 
 
+SCHEDULE_NAMES = ("constant", "cosine", "cosine_neox_clipped", "linear", "inverse_sqrt", "wsd", "infinite", "repeated_cosine")
+
 CHOICES = {
+    "schedule.name": SCHEDULE_NAMES,
     "init": ("scratch", "weights", "resume"),
     "train.precision": ("auto", "fp32", "bf16", "fp16"),
     "train.device": ("auto", "cpu", "cuda"),
@@ -312,6 +315,13 @@ def dump_yaml(cfg: RunConfig) -> str:
 
 # ------------------------------------------------------------------------- validation
 
+def warmup_steps(warmup: float, total_steps: int) -> int:
+    """warmup < 1 is a fraction of total steps (rounded), otherwise a step count."""
+    if warmup < 1:
+        return int(round(warmup * total_steps))
+    return int(warmup)
+
+
 def check_batch(t: TrainConfig, world: int) -> None:
     """global_batch = micro_batch x grad_accum x world_size must come out whole."""
     if t.global_batch % (t.micro_batch * world):
@@ -319,6 +329,31 @@ def check_batch(t: TrainConfig, world: int) -> None:
             f"`train.global_batch` ({t.global_batch}) is not divisible by `train.micro_batch` "
             f"({t.micro_batch}) x world size ({world}). Pick a micro_batch that divides global_batch / world size."
         )
+
+
+# Every interval and count: (key, lowest allowed value, what it means). 0 where 0 means "off".
+COUNT_LIMITS = [
+    ("train.log_interval", 1, "write a train line every N steps"),
+    ("train.num_threads", 0, "0 keeps torch's default"),
+    ("train.max_bad_steps", 0, "non-finite steps in a row tolerated"),
+    ("eval.interval", 1, "evaluate every N steps"),
+    ("eval.interval_warmup", 0, "0 = the same as eval.interval"),
+    ("eval.tokens", 1, "held-out tokens per eval set"),
+    ("eval.batch", 1, "sequences per eval forward"),
+    ("eval.downstream.every", 0, "0 = step 0 and the end only"),
+    ("eval.downstream.limit", 0, "0 = every sample"),
+    ("eval.downstream.num_fewshot", 0, "few-shot examples per prompt"),
+    ("eval.downstream.batch", 1, "lm-eval batch size"),
+    ("checkpoint.interval", 0, "0 = only at the end"),
+    ("checkpoint.keep_last", 1, "the newest checkpoint is what a resume uses"),
+    ("schedule.num_cycles", 1, "repeated_cosine cycles"),
+]
+
+
+def _get(cfg: Any, dotted: str) -> Any:
+    for part in dotted.split("."):
+        cfg = getattr(cfg, part)
+    return cfg
 
 
 def validate(cfg: RunConfig) -> None:
@@ -337,10 +372,6 @@ def validate(cfg: RunConfig) -> None:
         )
     if s.warmup < 0:
         raise UserError(f"`schedule.warmup` must be >= 0, got {s.warmup}.")
-    from rewarm.schedules import SCHEDULES, warmup_steps
-
-    if s.name not in SCHEDULES:
-        raise UserError(f"unknown schedule `{s.name}`{did_you_mean(s.name, SCHEDULES)}. Choose one of: {', '.join(SCHEDULES)}.")
     if s.name != "constant" and warmup_steps(s.warmup, t.max_steps) >= t.max_steps:
         raise UserError(
             f"`schedule.warmup` ({s.warmup}) covers all {t.max_steps} steps, leaving nothing to decay. "
@@ -361,11 +392,19 @@ def validate(cfg: RunConfig) -> None:
         raise UserError("`init: scratch` needs `model.preset` (e.g. tiny) or `model.path` (an HF config to copy).")
     if cfg.init == "weights" and not cfg.model.path:
         raise UserError("`init: weights` needs `model.path`: an HF model dir, a rewarm checkpoint, or a hub id.")
-    if cfg.eval.interval <= 0 or cfg.eval.tokens <= 0 or cfg.eval.batch <= 0:
-        raise UserError("`eval.interval`, `eval.tokens` and `eval.batch` must be positive.")
+    for key, lowest, meaning in COUNT_LIMITS:
+        value = _get(cfg, key)
+        if value < lowest:
+            raise UserError(f"`{key}` must be >= {lowest}, got {value}: {meaning}.")
+    if not 0 < t.rollback_lr_factor <= 1:
+        raise UserError(f"`train.rollback_lr_factor` must be in (0, 1], got {t.rollback_lr_factor}: "
+                        f"each rollback multiplies the LR by it.")
+    if cfg.eval.dense_until < 0:
+        raise UserError(f"`eval.dense_until` must be >= 0, got {cfg.eval.dense_until}.")
+    bad_steps = [k for k in cfg.checkpoint.keep_steps if not isinstance(k, int) or isinstance(k, bool) or k < 0]
+    if bad_steps:
+        raise UserError(f"`checkpoint.keep_steps` must be a list of step numbers >= 0, got {cfg.checkpoint.keep_steps}.")
     ds = cfg.eval.downstream
-    if ds.every < 0 or ds.limit < 0 or ds.num_fewshot < 0 or ds.batch <= 0:
-        raise UserError("`eval.downstream.every`, `limit`, `num_fewshot` must be >= 0 and `batch` > 0.")
     if any(not isinstance(t, str) or not t for t in ds.tasks):
         raise UserError(f"`eval.downstream.tasks` must be a list of task names, e.g. [hellaswag, arc_easy]; got {ds.tasks}.")
 

@@ -13,7 +13,6 @@ Python standard-library code. Steps:
 """
 from __future__ import annotations
 
-import argparse
 import itertools
 import json
 import logging
@@ -36,27 +35,6 @@ SIZES = {
     "quick": dict(vocab=4096, seq_len=64, batch=16, pretrain_steps=150, continual_steps=32,
                   code_bytes=1_500_000, eval_tokens=4096, max_lr=3e-3),
 }
-
-
-def add_demo_parser(sub) -> None:
-    p = sub.add_parser("demo", help="reproduce the papers' continual pre-training findings on real corpora (CPU)")
-    p.add_argument("--out", default="demo_out", help="working directory (data, tokenizer, runs, report)")
-    p.add_argument("--quick", action="store_true", help="fewer steps and tokens, same pipeline (~3 minutes)")
-    p.add_argument("-q", "--quiet", action="store_true", help="no progress bars")
-    p.set_defaults(func=_cmd_demo)
-
-
-def _cmd_demo(args: argparse.Namespace) -> int:
-    result = run_demo(Path(args.out), quick=args.quick, progress=not args.quiet)
-    print()
-    print(result["findings_markdown"])
-    print()
-    failed = {k: v for k, v in result["runs"].items() if v.startswith("failed")}
-    print(f"runs: {result['runs_dir']}   report: {result['report']}   ({result['wall_time_s']:.0f} s)")
-    if failed:
-        print(f"failed runs: {failed}")
-        return 1
-    return 0
 
 
 def build_data(out: Path, size: dict, progress: bool) -> dict[str, Path]:
@@ -124,9 +102,6 @@ def plan(out: Path, size: dict, shards: dict[str, Path]) -> tuple[PlannedRun, li
              continual(F.EARLY_STARTS[1], lr, 0.01, model={"path": ckpt(keep[1])})]
     scratch = continual(F.SCRATCH, lr, 0.01, init="scratch", model={"preset": "tiny"})
     runs.append(scratch)
-    for r in runs:  # normalise names like lr_mid_warmup0.0pct -> lr_mid_warmup0pct
-        r.name = r.name.replace(".0pct", "pct")
-        r.raw["out_dir"] = str(runs_dir / r.name)
     return pretrain, runs
 
 

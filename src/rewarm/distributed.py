@@ -58,13 +58,6 @@ class Dist:
         dist.all_reduce(t, op=dist.ReduceOp.MAX)
         return bool(t.item() > 0)
 
-    def broadcast_object(self, obj):
-        if not self.active:
-            return obj
-        box = [obj]
-        dist.broadcast_object_list(box, src=0)
-        return box[0]
-
 
 def setup(device_kind: str, timeout_s: int = 120) -> Dist:
     """Join the process group torchrun set up (no-op for a single process)."""
@@ -153,6 +146,17 @@ def full_state(model: torch.nn.Module, optimizer: torch.optim.Optimizer, d: Dist
     groups = [dict(g, params=names[i]) for i, g in enumerate(raw["param_groups"])]
     model_sd = {k: v.detach().cpu() for k, v in unwrap(model).state_dict().items()}
     return model_sd, {"state": state, "param_groups": groups}
+
+
+def load_model_state(model: torch.nn.Module, state_dict: dict, d: Dist) -> None:
+    """Full (unsharded) weights into a live model: FSDP scatters them to the shards, otherwise the
+    plain module (inside DDP or torch.compile) takes them in place."""
+    if d.active and d.strategy == "fsdp":
+        from torch.distributed.checkpoint.state_dict import StateDictOptions, set_model_state_dict
+
+        set_model_state_dict(model, state_dict, options=StateDictOptions(full_state_dict=True))
+        return
+    unwrap(model).load_state_dict(state_dict)
 
 
 def load_optimizer_state(model: torch.nn.Module, optimizer: torch.optim.Optimizer, state: dict, d: Dist) -> None:

@@ -1,7 +1,14 @@
-"""User-facing errors: the CLI turns these into a one-paragraph message and exit code 2.
+"""Errors that end a command with a known exit code and a message for people.
 
-Anything the user can fix (a typo in a config, a missing directory, a data/model
-mismatch) raises `UserError`; anything else is a bug and keeps its traceback.
+The CLI turns every `RewarmError` into its message on stderr and its `exit_code`, with no
+traceback; anything else is a bug and keeps its traceback.
+
+| class | exit | meaning |
+|---|---|---|
+| `UserError` | 2 | the input is wrong (a config typo, a missing directory, a data/model mismatch); the message says how to fix it |
+| `Diverged` | 3 | too many non-finite steps in a row and no rollback left to try |
+| `DiskFull` | 4 | not enough space for a checkpoint; earlier checkpoints are intact |
+| `Preempted` | 143 | SIGTERM/SIGINT: a checkpoint was written; `--resume` continues from it |
 """
 from __future__ import annotations
 
@@ -11,10 +18,34 @@ from typing import Iterable
 USER_ERROR_EXIT = 2
 
 
-class UserError(Exception):
+class RewarmError(Exception):
+    """A known way for a command to end early; `exit_code` is what the CLI returns."""
+
+    exit_code = 1
+
+
+class UserError(RewarmError):
     """A problem with the user's input, with a message that says how to fix it."""
 
     exit_code = USER_ERROR_EXIT
+
+
+class Diverged(RewarmError):
+    """Too many non-finite steps in a row (and no rollback left to try)."""
+
+    exit_code = 3
+
+
+class DiskFull(RewarmError):
+    """Not enough space for a checkpoint; the previous checkpoints are untouched."""
+
+    exit_code = 4
+
+
+class Preempted(RewarmError):
+    """SIGTERM/SIGINT arrived: a checkpoint was written; resume continues from it."""
+
+    exit_code = 143  # 128 + SIGTERM
 
 
 def did_you_mean(word: str, options: Iterable[str]) -> str:

@@ -6,17 +6,15 @@ next-token cross-entropy over all scored tokens; perplexity = exp(loss).
 """
 from __future__ import annotations
 
-import contextlib
 import logging
 import math
 from dataclasses import dataclass
 
 import numpy as np
 import torch
-import torch.nn.functional as F
 
 from rewarm.data.shards import TokenShards
-from rewarm.fused_loss import head_and_backbone, linear_cross_entropy
+from rewarm.fused_loss import autocast, lm_loss
 
 log = logging.getLogger(__name__)
 
@@ -46,30 +44,6 @@ class EvalSet:
     @property
     def tokens(self) -> int:
         return self.windows.shape[0] * (self.windows.shape[1] - 1)
-
-
-def autocast(device: torch.device, precision: str):
-    if precision == "fp32":
-        return contextlib.nullcontext()
-    dtype = torch.bfloat16 if precision == "bf16" else torch.float16
-    return torch.autocast(device_type=device.type, dtype=dtype)
-
-
-def lm_loss(model: torch.nn.Module, windows: torch.Tensor, reduction: str = "mean", fused: bool = True,
-            backbone: torch.nn.Module | None = None) -> torch.Tensor:
-    """Next-token cross-entropy of `windows` (rows of seq_len + 1 ids): the labels are shifted,
-    the logits are not sliced (slicing them copies the largest tensor of the step). On a plain HF
-    model the head and the loss run fused over row chunks (`fused_loss`): the full logits never exist.
-    DDP/FSDP-wrapped or compiled models take the unfused path (their hooks must see the whole forward);
-    `backbone` replaces the model's own body on the fused path (train.compile passes a compiled one)."""
-    inputs, targets = windows[:, :-1], windows[:, 1:]
-    parts = head_and_backbone(model) if fused else None
-    if parts is not None:
-        body, head = parts
-        hidden = (body if backbone is None else backbone)(input_ids=inputs, use_cache=False).last_hidden_state
-        return linear_cross_entropy(hidden, head.weight, head.bias, targets, reduction=reduction)
-    logits = model(input_ids=inputs, use_cache=False).logits
-    return F.cross_entropy(logits.reshape(-1, logits.size(-1)).float(), targets.reshape(-1), reduction=reduction)
 
 
 @torch.no_grad()

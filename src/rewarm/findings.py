@@ -69,7 +69,8 @@ def compute(runs: dict[str, RunData]) -> list[Finding]:
         downs = [runs[n].final(DOWN) for n in MAXLR_RUNS]
         up_inc = ups[0] < ups[1] < ups[2]
         down_noninc = downs[0] >= downs[1] >= downs[2]
-        sat = " (downstream saturates: mid→high gains " + f"{downs[1] - downs[2]:.4f})" if down_noninc and downs[1] - downs[2] < 0.25 * (downs[0] - downs[1]) else ""
+        saturates = down_noninc and downs[1] - downs[2] < 0.25 * (downs[0] - downs[1])
+        sat = f" (downstream saturates: mid→high gains {downs[1] - downs[2]:.4f})" if saturates else ""
         out.append(Finding("b", "Higher max LR: more adaptation, more forgetting (Gupta §4.2)", up_inc and down_noninc,
                            f"final upstream low/mid/high {', '.join(map(_f, ups))}; final downstream {', '.join(map(_f, downs))}{sat}"))
     else:

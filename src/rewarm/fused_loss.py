@@ -1,4 +1,4 @@
-"""Next-token loss without materialising the full logits tensor.
+"""The training and evaluation loss: next-token cross-entropy without materialising the full logits.
 
 The LM head of a small model over a large vocabulary is most of a step's memory traffic:
 batch·seq × vocab logits in fp32 (4,096 × 50,304 × 4 B = 824 MB), written by the matmul, read
@@ -10,6 +10,8 @@ fused linear cross-entropy, done with plain PyTorch ops). Same loss and gradient
 unfused path up to float rounding (tested).
 """
 from __future__ import annotations
+
+import contextlib
 
 import torch
 import torch.nn.functional as F
@@ -91,3 +93,27 @@ def head_and_backbone(model: torch.nn.Module):
     if backbone is None or backbone is model or not isinstance(head, torch.nn.Linear):
         return None
     return backbone, head
+
+
+def autocast(device: torch.device, precision: str):
+    if precision == "fp32":
+        return contextlib.nullcontext()
+    dtype = torch.bfloat16 if precision == "bf16" else torch.float16
+    return torch.autocast(device_type=device.type, dtype=dtype)
+
+
+def lm_loss(model: torch.nn.Module, windows: torch.Tensor, reduction: str = "mean", fused: bool = True,
+            backbone: torch.nn.Module | None = None) -> torch.Tensor:
+    """Next-token cross-entropy of `windows` (rows of seq_len + 1 ids): the labels are shifted,
+    the logits are not sliced (slicing them copies the largest tensor of the step). On a plain HF
+    model the head and the loss run fused over row chunks (`fused_loss`): the full logits never exist.
+    DDP/FSDP-wrapped or compiled models take the unfused path (their hooks must see the whole forward);
+    `backbone` replaces the model's own body on the fused path (train.compile passes a compiled one)."""
+    inputs, targets = windows[:, :-1], windows[:, 1:]
+    parts = head_and_backbone(model) if fused else None
+    if parts is not None:
+        body, head = parts
+        hidden = (body if backbone is None else backbone)(input_ids=inputs, use_cache=False).last_hidden_state
+        return linear_cross_entropy(hidden, head.weight, head.bias, targets, reduction=reduction)
+    logits = model(input_ids=inputs, use_cache=False).logits
+    return F.cross_entropy(logits.reshape(-1, logits.size(-1)).float(), targets.reshape(-1), reduction=reduction)

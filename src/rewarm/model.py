@@ -6,13 +6,13 @@ residual, untied embeddings, vocab 50304); `tiny` is the same architecture sized
 from __future__ import annotations
 
 import logging
-import os
 import shutil
 from pathlib import Path
 from typing import Any
 
 import torch
 
+from rewarm import atomic
 from rewarm.errors import UserError, did_you_mean
 
 log = logging.getLogger(__name__)
@@ -61,11 +61,8 @@ def build_config(preset: str | None, path: str | None, overrides: dict, tokenize
         fields["bos_token_id"] = fields["eos_token_id"] = eos_id
         config = AutoConfig.for_model(model_type, **fields)
     else:
-        config = _load_config(path)
-    for key, value in overrides.items():
-        if not hasattr(config, key):
-            raise UserError(f"`model.overrides.{key}` is not a field of {type(config).__name__}.")
-        setattr(config, key, value)
+        config = load_config(path)
+    apply_overrides(config, overrides)
     if vocab_size is not None:
         config.vocab_size = vocab_size
     check_vocab(config.vocab_size, tokenizer_len)
@@ -80,7 +77,16 @@ def check_vocab(model_vocab: int, tokenizer_len: int) -> None:
         )
 
 
-def _load_config(path: str | None, revision: str | None = None, trust_remote_code: bool = False):
+def apply_overrides(config, overrides: dict) -> None:
+    """`model.overrides` on an HF config, the same for presets, copied configs and loaded models."""
+    for key, value in (overrides or {}).items():
+        if not hasattr(config, key):
+            raise UserError(f"`model.overrides.{key}` is not a field of {type(config).__name__}"
+                            f"{did_you_mean(key, config.to_dict())}.")
+        setattr(config, key, value)
+
+
+def load_config(path: str, revision: str | None = None, trust_remote_code: bool = False):
     from transformers import AutoConfig
 
     try:
@@ -105,10 +111,12 @@ def load_pretrained(path: str, revision: str | None = None, overrides: dict | No
     local = Path(path)
     if local.exists() and not (local / "config.json").is_file():
         raise UserError(f"{local} has no config.json: not an HF model directory. Point model.path at a run's final/ or checkpoints/step_N.")
+    config = load_config(path, revision, trust_remote_code)
+    apply_overrides(config, overrides or {})
     try:
         model = AutoModelForCausalLM.from_pretrained(
-            path, revision=revision, dtype=torch.float32, use_safetensors=True,
-            trust_remote_code=trust_remote_code, **(overrides or {}),
+            path, config=config, revision=revision, dtype=torch.float32, use_safetensors=True,
+            trust_remote_code=trust_remote_code,
         )
     except (OSError, ValueError) as exc:
         raise UserError(
@@ -123,15 +131,16 @@ def save_model(model: torch.nn.Module, out_dir: str | Path, tokenizer=None, stat
     """Save as an HF directory (safetensors) under a temp name, then rename into place.
     `state_dict` (a gathered full state) is saved instead of the module's own when given."""
     out = Path(out_dir)
-    tmp = out.with_name(f".{out.name}.tmp-{os.getpid()}")
+    tmp = atomic.temp_path(out)
     shutil.rmtree(tmp, ignore_errors=True)
-    model.save_pretrained(tmp, safe_serialization=True, state_dict=state_dict)
-    if tokenizer is not None:
-        tokenizer.save_pretrained(tmp)
-    if out.exists():
-        shutil.rmtree(out)
-    os.replace(tmp, out)
-    return out
+    try:
+        model.save_pretrained(tmp, safe_serialization=True, state_dict=state_dict)
+        if tokenizer is not None:
+            tokenizer.save_pretrained(tmp)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    return atomic.commit(tmp, out)
 
 
 def count_params(model: torch.nn.Module, exclude_embeddings: bool = False) -> int:

@@ -1,9 +1,10 @@
 """Figures people would rather look at than read (matplotlib, headless)."""
 from __future__ import annotations
 
-import os
 from pathlib import Path
 from typing import Any
+
+from rewarm import atomic
 
 
 def _pyplot():
@@ -19,10 +20,9 @@ def save_figure(fig: Any, out: str | Path) -> Path:
     """Write to a temp name and rename, so a half-written PNG is never left behind."""
     out = Path(out)
     out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = out.with_name(f".{out.stem}.tmp-{os.getpid()}{out.suffix}")
-    fig.savefig(tmp, dpi=120, bbox_inches="tight")
-    os.replace(tmp, out)
-    return out
+    tmp = atomic.temp_path(out)
+    fig.savefig(tmp, dpi=120, bbox_inches="tight", format=out.suffix.lstrip(".") or "png")
+    return atomic.commit(tmp, out)
 
 
 def plot_schedules(specs: list[tuple[str, Any]], steps: int, out: str | Path) -> Path:

@@ -10,9 +10,9 @@ from __future__ import annotations
 
 import base64
 import html
-import os
 from pathlib import Path
 
+from rewarm import atomic
 from rewarm import findings as F
 from rewarm.plots import _pyplot, save_figure
 from rewarm.runs import RunData, find_runs
@@ -187,10 +187,7 @@ def report(paths: list[str], out_dir: str | Path, fmt: str = "md", title: str = 
     else:
         text = _markdown(title, runs, header, rows, images, found, notes)
         path = out / "report.md"
-    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
-    tmp.write_text(text)
-    os.replace(tmp, path)
-    return path
+    return atomic.write_text(path, text)
 
 
 def _markdown(title, runs, header, rows, images, found, notes) -> str:

@@ -1,12 +1,14 @@
 """The run directory: paths, the append-only metrics log, the lock, reading runs back."""
 from __future__ import annotations
 
+import fcntl
 import json
 import logging
 import os
 from pathlib import Path
 from typing import Any, Iterator
 
+from rewarm import atomic
 from rewarm.errors import UserError
 
 log = logging.getLogger(__name__)
@@ -31,39 +33,61 @@ class RunDir:
         return self.metrics.exists() or self.checkpoints.exists()
 
     def acquire_lock(self) -> None:
-        """One process per run directory; a lock left by a dead process is taken over."""
-        try:
-            self.path.mkdir(parents=True, exist_ok=True)
-            probe = self.path / f".write-test-{os.getpid()}"
-            probe.write_text("")
-            probe.unlink()
-        except OSError as exc:
-            raise UserError(f"cannot write the run directory {self.path}: {exc.strerror or exc}. "
-                            f"Choose a writable `out_dir`.") from None
-        if self.lock.exists():
-            holder = self.lock_holder()
-            if holder and holder != os.getpid():
+        """One process per run directory, for the life of the run: an exclusive `flock` on `.lock`
+        (atomic: of two processes starting together exactly one wins; the kernel drops it when
+        the holder dies, so a lock left by a killed run never blocks the next one)."""
+        while True:
+            try:
+                self.path.mkdir(parents=True, exist_ok=True)
+                fd = os.open(self.lock, os.O_RDWR | os.O_CREAT, 0o644)
+            except OSError as exc:
+                raise UserError(f"cannot write the run directory {self.path}: {exc.strerror or exc}. "
+                                f"Choose a writable `out_dir`.") from None
+            try:
+                fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            except BlockingIOError:
+                os.close(fd)
+                holder = _read_pid(self.lock)
                 raise UserError(
-                    f"run directory {self.path} is in use by process {holder}. Wait for it to finish, "
+                    f"run directory {self.path} is in use by process {holder or '(unknown)'}. Wait for it to finish, "
                     f"or stop it; a lock from a dead process is taken over automatically."
-                )
-            log.warning("taking over stale lock left by a dead process on %s", self.path)
-        self.lock.write_text(str(os.getpid()))
+                ) from None
+            try:
+                if os.fstat(fd).st_ino == os.stat(self.lock).st_ino:
+                    break  # we hold the lock on the file that is at the path now
+            except FileNotFoundError:
+                pass
+            os.close(fd)  # the previous holder unlinked it while we opened it: try again on the new file
+        previous = _read_pid(self.lock)
+        if previous and previous != os.getpid():
+            log.warning("taking over stale lock left by process %d (no longer running) on %s", previous, self.path)
+        os.ftruncate(fd, 0)
+        os.write(fd, str(os.getpid()).encode())
+        self._lock_fd = fd
 
     def lock_holder(self) -> int | None:
         """The pid of the live process that holds this run's lock, if any."""
+        if getattr(self, "_lock_fd", None) is not None:
+            return os.getpid()
         try:
-            pid = int(self.lock.read_text().strip() or 0)
-        except (FileNotFoundError, ValueError):
+            fd = os.open(self.lock, os.O_RDONLY)
+        except FileNotFoundError:
             return None
-        return pid if pid and pid_alive(pid) else None
+        try:
+            fcntl.flock(fd, fcntl.LOCK_SH | fcntl.LOCK_NB)
+        except BlockingIOError:
+            return _read_pid(self.lock) or -1
+        finally:
+            os.close(fd)  # closing drops the probe's own shared lock
+        return None
 
     def release_lock(self) -> None:
-        try:
-            if self.lock.read_text().strip() == str(os.getpid()):
-                self.lock.unlink()
-        except FileNotFoundError:
-            pass
+        fd = getattr(self, "_lock_fd", None)
+        if fd is None:
+            return
+        self._lock_fd = None
+        self.lock.unlink(missing_ok=True)  # unlink first: a new holder then creates a fresh file
+        os.close(fd)
 
     def read_metrics(self) -> list[dict]:
         return list(iter_metrics(self.metrics))
@@ -74,7 +98,14 @@ class RunDir:
         if not self.metrics.exists():
             return
         kept = [e for e in iter_metrics(self.metrics) if e.get("step", 0) <= step or e.get("event") == "rollback"]
-        write_jsonl_atomic(self.metrics, kept)
+        atomic.write_jsonl(self.metrics, kept)
+
+
+def _read_pid(path: Path) -> int | None:
+    try:
+        return int(path.read_text().strip() or 0) or None
+    except (FileNotFoundError, ValueError):
+        return None
 
 
 def pid_alive(pid: int) -> bool:
@@ -85,16 +116,6 @@ def pid_alive(pid: int) -> bool:
     except PermissionError:
         return True
     return True
-
-
-def write_jsonl_atomic(path: Path, rows: list[dict]) -> None:
-    """One JSON object per line, written to a temporary name and renamed over `path`."""
-    path = Path(path)
-    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
-    with open(tmp, "w") as fh:
-        for row in rows:
-            fh.write(json.dumps(row) + "\n")
-    os.replace(tmp, path)
 
 
 def iter_metrics(path: Path) -> Iterator[dict]:

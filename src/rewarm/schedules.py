@@ -13,14 +13,10 @@ from __future__ import annotations
 import math
 from typing import Any, Callable
 
+from rewarm.config import ScheduleConfig, _build, parse_override, warmup_steps
+from rewarm.errors import UserError, did_you_mean
+
 Schedule = Callable[[int], float]
-
-
-def warmup_steps(warmup: float, total_steps: int) -> int:
-    """warmup < 1 is a fraction of total steps (rounded), otherwise a step count."""
-    if warmup < 1:
-        return int(round(warmup * total_steps))
-    return int(warmup)
 
 
 def _with_warmup(decay: Callable[[int, int], float], s: Any, total: int) -> Schedule:
@@ -137,6 +133,7 @@ def repeated_cosine(s: Any, total: int) -> Schedule:
     return lambda step: one(min(step - cycle * min(step // cycle, n - 1), cycle))
 
 
+# every name config.SCHEDULE_NAMES declares (config validates against that list; a test checks they agree)
 SCHEDULES: dict[str, Callable[[Any, int], Schedule]] = {
     "constant": constant,
     "cosine": cosine,
@@ -156,9 +153,6 @@ def build_schedule(spec: Any, total_steps: int) -> Schedule:
 
 def parse_spec(text: str) -> Any:
     """`cosine:max_lr=3e-4,warmup=0.01` -> ScheduleConfig, for `rewarm schedule plot`."""
-    from rewarm.config import ScheduleConfig, _build, parse_override
-    from rewarm.errors import UserError, did_you_mean
-
     name, _, rest = text.partition(":")
     if name not in SCHEDULES:
         raise UserError(f"unknown schedule `{name}`{did_you_mean(name, SCHEDULES)}. Choose one of: {', '.join(SCHEDULES)}.")

@@ -18,7 +18,6 @@ import copy
 import itertools
 import logging
 import shlex
-import sys
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -26,6 +25,7 @@ from typing import Any
 import yaml
 from tqdm import tqdm
 
+from rewarm import atomic
 from rewarm.config import config_from_dict, dump_yaml, set_dotted
 from rewarm.errors import UserError
 from rewarm.rundir import RunDir
@@ -111,9 +111,7 @@ def write_configs(runs: list[PlannedRun], root: Path) -> list[Path]:
     (root / "configs").mkdir(parents=True, exist_ok=True)
     for r in runs:
         path = root / "configs" / f"{r.name}.yaml"
-        tmp = path.with_suffix(".yaml.tmp")
-        tmp.write_text(dump_yaml(config_from_dict(r.raw)))
-        tmp.replace(path)
+        atomic.write_text(path, dump_yaml(config_from_dict(r.raw)))
         paths.append(path)
     return paths
 
@@ -159,7 +157,8 @@ srun torchrun --standalone --nproc_per_node ${{SLURM_GPUS_ON_NODE:-1}} -m rewarm
 
 def run_all(runs: list[PlannedRun], progress: bool = True) -> dict[str, str]:
     """Run each planned run in this process; returns {name: done|skipped|failed: reason}."""
-    from rewarm.train import Preempted, train
+    from rewarm.errors import Preempted
+    from rewarm.train import train
 
     results: dict[str, str] = {}
     bar = tqdm(total=len(runs), desc="sweep", unit="run", disable=not progress, position=0, dynamic_ncols=True)
@@ -182,28 +181,3 @@ def run_all(runs: list[PlannedRun], progress: bool = True) -> dict[str, str]:
         bar.update(1)
     bar.close()
     return results
-
-
-def main_sweep(path: str, dry_run: bool, print_commands: bool, slurm_file: str | None, nproc: int, progress: bool) -> int:
-    spec = load_sweep(path)
-    runs = expand(spec)
-    root = Path(spec["out_dir"])
-    if dry_run:
-        for r in runs:
-            print(f"{status(r):>8}  {r.name:<32} {r.out_dir}")
-        print(f"{len(runs)} runs in {root}")
-        return 0
-    configs = write_configs(runs, root)
-    if print_commands or slurm_file:
-        if print_commands:
-            print("\n".join(launch_commands(configs, nproc)))
-        if slurm_file:
-            Path(slurm_file).write_text(slurm_array(configs, spec.get("name", Path(path).stem)))
-            print(f"wrote SLURM array script {slurm_file} ({len(configs)} tasks): sbatch {slurm_file}", file=sys.stderr)
-        return 0
-    results = run_all(runs, progress)
-    failed = {k: v for k, v in results.items() if v.startswith("failed")}
-    for name, what in results.items():
-        print(f"{name:<32} {what}")
-    print(f"sweep {root}: {len(results) - len(failed)} ok, {len(failed)} failed. Report: rewarm report {root} -o {root}/report")
-    return 1 if failed else 0

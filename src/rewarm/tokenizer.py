@@ -9,11 +9,11 @@ from __future__ import annotations
 import hashlib
 import json
 import logging
-import os
 import shutil
 from pathlib import Path
 from typing import Iterable, Iterator
 
+from rewarm import atomic
 from rewarm.errors import UserError
 
 log = logging.getLogger(__name__)
@@ -55,13 +55,10 @@ def train_tokenizer(texts: Iterable[str], vocab_size: int, out_dir: str | Path, 
         raise UserError("no text found to train the tokenizer on. Check the input paths.")
     fast = PreTrainedTokenizerFast(tokenizer_object=tok, eos_token=EOS_TOKEN, bos_token=EOS_TOKEN, unk_token=None)
     out = Path(out_dir)
-    tmp = out.with_name(out.name + f".tmp-{os.getpid()}")
+    tmp = atomic.temp_path(out)
     shutil.rmtree(tmp, ignore_errors=True)
     fast.save_pretrained(tmp)
-    if out.exists():
-        shutil.rmtree(out)
-    os.replace(tmp, out)
-    return out
+    return atomic.commit(tmp, out)
 
 
 def load_tokenizer(name_or_path: str, revision: str | None = None, trust_remote_code: bool = False):

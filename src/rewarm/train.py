@@ -1,45 +1,34 @@
 """The training loop: one screen, top to bottom, like nanoGPT's train.py.
 
-Everything it calls is its own component: `setup` (start modes, data, model),
-`schedules` (lr as a function of the step), `data.mixture` (which windows), `evaluate`
-(held-out loss) and `checkpoint` (atomic save / verified load).
+`_loop` decides *when* (log, eval, checkpoint, stop); `train_step` is one optimizer step.
+Everything else is its own component: `start` (start modes, data, model, optimizer),
+`schedules` (LR as a function of the step), `data.mixture` (which windows), `evaluate`
+(held-out loss), `checkpoint` (atomic save, verified load, restore) and `state` (what a
+checkpoint carries besides the weights).
 """
 from __future__ import annotations
 
+import contextlib
 import logging
 import math
 import signal
 import time
+from dataclasses import dataclass
+from typing import Any
 
 import torch
 from tqdm import tqdm
 
-from rewarm import checkpoint, distributed
-from rewarm.config import RunConfig
-from rewarm.evaluate import autocast, evaluate, lm_loss
-from rewarm.fused_loss import head_and_backbone
+from rewarm import atomic, checkpoint, distributed
+from rewarm.config import RunConfig, warmup_steps
+from rewarm.errors import Diverged, Preempted
+from rewarm.evaluate import evaluate
+from rewarm.fused_loss import autocast, head_and_backbone, lm_loss
+from rewarm.model import save_model
 from rewarm.rundir import MetricsWriter, RunDir
-from rewarm.schedules import warmup_steps
-from rewarm.setup import RunState, prepare_run
+from rewarm.start import RunState, start_run
 
 log = logging.getLogger(__name__)
-
-PREEMPTED_EXIT = 143  # 128 + SIGTERM: "stopped on request; resume with init: resume"
-
-
-DIVERGED_EXIT = 3
-
-
-class Diverged(Exception):
-    """Too many non-finite steps in a row (and no rollback left to try)."""
-
-    exit_code = DIVERGED_EXIT
-
-
-class Preempted(Exception):
-    """SIGTERM/SIGINT arrived: a checkpoint was written; resume continues from it."""
-
-    exit_code = PREEMPTED_EXIT
 
 
 def train(cfg: RunConfig, *, overwrite: bool = False, allow_config_change: bool = False, progress: bool = True) -> RunDir:
@@ -49,11 +38,18 @@ def train(cfg: RunConfig, *, overwrite: bool = False, allow_config_change: bool 
     d = distributed.setup(_device_kind(cfg.train.device))
     if d.is_main:
         run.acquire_lock()
+    threads = torch.get_num_threads()
     try:
         with _StopOnSignal() as stop:
-            state = prepare_run(cfg, run, d, overwrite=overwrite, allow_config_change=allow_config_change)
-            _loop(cfg, run, state, stop, progress and d.is_main)
+            st = start_run(cfg, run, d, overwrite=overwrite, allow_config_change=allow_config_change)
+            metrics = MetricsWriter(run.metrics, enabled=d.is_main)
+            try:
+                _loop(cfg, run, st, metrics, stop, progress and d.is_main)
+                _finish(run, st, metrics)
+            finally:
+                metrics.close()
     finally:
+        torch.set_num_threads(threads)  # train.num_threads holds for this run only
         if d.is_main:
             run.release_lock()
         distributed.teardown()
@@ -64,186 +60,238 @@ def _device_kind(name: str) -> str:
     return "cuda" if name == "cuda" or (name == "auto" and torch.cuda.is_available()) else "cpu"
 
 
-def _loop(cfg: RunConfig, run: RunDir, st: RunState, stop: "_StopOnSignal", progress: bool) -> None:
-    t, model, opt, d = cfg.train, st.model, st.optimizer, st.dist
-    accum = t.global_batch // (t.micro_batch * d.world)
-    tokens_per_step = t.global_batch * t.seq_len
+def _loop(cfg: RunConfig, run: RunDir, st: RunState, metrics: MetricsWriter, stop: "_StopOnSignal", progress: bool) -> None:
+    t, d, ts = cfg.train, st.dist, st.state
+    step_fn = _StepFunctions.build(st)
+    speed = _Throughput(st.tokens_per_step)
     dense_end = warmup_steps(cfg.eval.dense_until or cfg.schedule.warmup, t.max_steps)
-    metrics = MetricsWriter(run.metrics, enabled=d.is_main)
-    params = [p for p in model.parameters() if p.requires_grad]
-    scaler = torch.amp.GradScaler("cuda") if st.precision == "fp16" else None
-    forward, backbone = model, None
-    if t.compile:
-        parts = head_and_backbone(model)
-        if parts is not None:  # compile the body; the fused head + loss stays outside the graph
-            backbone = torch.compile(parts[0])
-        else:
-            forward = torch.compile(model)
-    step = st.step
     bad_in_row = 0
 
-    def due(every: int) -> bool:
-        return every > 0 and step % every == 0
-
-    def run_eval() -> None:
-        # DDP: each rank scores its share of windows on the plain module; FSDP: all ranks score all
-        sharded = d.active and d.strategy == "ddp"
-        results = evaluate(distributed.unwrap(model) if sharded else model, st.eval_sets, cfg.eval.batch, st.device,
-                           st.precision, rank=d.rank if sharded else 0, world=d.world if sharded else 1,
-                           reduce=(lambda xs: d.sum(xs, st.device)) if sharded else None)
-        metrics.write({"event": "eval", "step": step, "tokens": step * tokens_per_step, "sets": results})
-        if d.is_main:
-            line = "  ".join(f"{name} {r['loss']:.4f} (ppl {r['ppl']:.1f})" for name, r in results.items())
-            tqdm.write(f"eval @ step {step:>6} | {line}")
-
-    def run_downstream() -> None:
-        ds = cfg.eval.downstream
-        if d.is_main:  # rank 0 scores the plain (unwrapped, uncompiled) module; the others wait
-            from rewarm.downstream.harness import run_tasks
-            from rewarm.downstream.record import event
-
-            settings = {"limit": ds.limit or None, "num_fewshot": ds.num_fewshot, "batch": ds.batch, "max_length": None}
-            results = run_tasks(st.raw_model, st.tokenizer, ds.tasks, limit=ds.limit or None,
-                                num_fewshot=ds.num_fewshot, batch_size=ds.batch)
-            metrics.write(event(step, step * tokens_per_step, results, settings, "training"))
-            line = "  ".join(f"{name} acc {r['acc']:.3f} p_choices(gold) {r['p_choices_gold']:.3f}"
-                             for name, r in results.items() if r.get("p_choices_gold") is not None and "acc" in r)
-            tqdm.write(f"downstream @ step {step:>6} | {line}")
-        d.barrier()
-
-    def save_checkpoint() -> None:
-        model_sd, optim_sd = distributed.full_state(model, opt, d)  # a collective under FSDP
-        if d.is_main:
-            trainer_state = {
-                "step": step,
-                "tokens": step * tokens_per_step,
-                "optimizer": optim_sd,
-                "torch_rng": torch.get_rng_state(),
-                "bad_steps": st.bad_steps,
-                "lr_scale": st.lr_scale,
-                "world_size": d.world,
-            }
-            checkpoint.save(run.checkpoints, step, st.raw_model, st.tokenizer, trainer_state, state_dict=model_sd)
-            checkpoint.prune(run.checkpoints, cfg.checkpoint.keep_last, set(cfg.checkpoint.keep_steps))
-        d.barrier()
-
     metrics.write(st.start_event())
-    if step == 0 and st.eval_sets:
-        run_eval()  # the baseline that forgetting and adaptation are measured from
-    if step == 0 and cfg.eval.downstream.tasks:
-        run_downstream()
-    bar = tqdm(total=t.max_steps, initial=step, desc="train", unit="step", disable=not progress, dynamic_ncols=True)
-    model.train()
-    clock = time.perf_counter()
-    while step < t.max_steps:
-        lr = st.schedule(step) * st.lr_scale
-        for group in opt.param_groups:
-            group["lr"] = lr
-        windows, _ = st.mixture.batch(step, d.rank, d.world)
-        micro_batches = torch.from_numpy(windows).split(t.micro_batch)
-        loss_sum = 0.0
-        for i, micro in enumerate(micro_batches):
-            with distributed.set_grad_sync(model, d, sync=i == len(micro_batches) - 1):
-                with autocast(st.device, st.precision):
-                    loss = lm_loss(forward, micro.to(st.device, non_blocking=True), backbone=backbone) / accum
-                (scaler.scale(loss) if scaler else loss).backward()
-            loss_sum += loss.item()
-        loss_sum = d.mean(loss_sum, st.device)  # every rank sees (and agrees on) the global loss
-        if scaler:
-            scaler.unscale_(opt)
-        clip = cfg.optimizer.grad_clip if cfg.optimizer.grad_clip > 0 else math.inf
-        norm = torch.nn.utils.clip_grad_norm_(params, clip)
-        grad_norm = float(norm.full_tensor() if hasattr(norm, "full_tensor") else norm)
-        if math.isfinite(loss_sum) and math.isfinite(grad_norm):
-            if scaler:
-                scaler.step(opt)
-                scaler.update()
-            else:
-                opt.step()
-            bad_in_row = 0
-        else:
-            st.bad_steps += 1
-            bad_in_row += 1
-            log.warning("step %d: non-finite loss/grad norm (%s / %s); update skipped", step + 1, loss_sum, grad_norm)
-        opt.zero_grad(set_to_none=True)
-        step += 1
+    if ts.step == 0 and st.eval_sets:
+        _run_eval(st, metrics)  # the baseline that forgetting and adaptation are measured from
+    if ts.step == 0 and cfg.eval.downstream.tasks:
+        _run_downstream(st, metrics)
+    bar = tqdm(total=t.max_steps, initial=ts.step, desc="train", unit="step", disable=not progress, dynamic_ncols=True)
+    st.model.train()
+    while ts.step < t.max_steps:
+        with speed.measure():
+            result = train_step(st, step_fn)
+        bad_in_row = 0 if result.finite else bad_in_row + 1
         if bad_in_row > t.max_bad_steps:
-            step = _on_divergence(cfg, run, st, metrics, step, bad_in_row)
+            _on_divergence(cfg, run, st, metrics, bad_in_row)
             bad_in_row = 0
-            clock = time.perf_counter()
+            bar.n = ts.step
             continue
+        step, end = ts.step, ts.step == t.max_steps
 
-        if due(t.log_interval) or step == t.max_steps:
-            now = time.perf_counter()
-            tok_s = tokens_per_step * (step - st.last_logged_step) / max(now - clock, 1e-9)
-            clock, st.last_logged_step = now, step
+        if _due(step, t.log_interval) or end:
+            tok_s = speed.rate()
             metrics.write({
-                "event": "train", "step": step, "tokens": step * tokens_per_step, "lr": lr,
-                "loss": loss_sum, "grad_norm": grad_norm, "tokens_per_s": round(tok_s, 1),
+                "event": "train", "step": step, "tokens": step * st.tokens_per_step, "lr": result.lr,
+                "loss": result.loss, "grad_norm": result.grad_norm, "tokens_per_s": round(tok_s, 1),
                 "source_tokens": st.mixture.tokens_per_source(step * t.global_batch),
             })
-            bar.set_postfix(loss=f"{loss_sum:.3f}", lr=f"{lr:.2e}", tok_s=f"{tok_s:,.0f}")
+            bar.set_postfix(loss=f"{result.loss:.3f}", lr=f"{result.lr:.2e}", tok_s=f"{tok_s:,.0f}")
         bar.update(1)
         eval_every = cfg.eval.interval_warmup if (cfg.eval.interval_warmup and step <= dense_end) else cfg.eval.interval
-        if st.eval_sets and (due(eval_every) or step == t.max_steps):
-            run_eval()
-        if cfg.eval.downstream.tasks and (due(cfg.eval.downstream.every) or step == t.max_steps):
-            run_downstream()
-        saved = bad_in_row == 0 and (due(cfg.checkpoint.interval) or step in cfg.checkpoint.keep_steps or step == t.max_steps)
+        if st.eval_sets and (_due(step, eval_every) or end):
+            _run_eval(st, metrics)
+        if cfg.eval.downstream.tasks and (_due(step, cfg.eval.downstream.every) or end):
+            _run_downstream(st, metrics)
+        # never during a run of non-finite steps: rollback must find good weights
+        saved = bad_in_row == 0 and (_due(step, cfg.checkpoint.interval) or step in cfg.checkpoint.keep_steps or end)
         if saved:
-            save_checkpoint()  # never during a run of non-finite steps: rollback must find good weights
-        if step % t.log_interval == 0:
-            clock = time.perf_counter()  # throughput counts training steps only, not eval or saving
-        requested = d.any(stop.requested is not None, st.device)  # all ranks stop together
-        if requested and step < t.max_steps:
+            _save_checkpoint(run, st)
+        if d.any(stop.requested is not None, st.device) and not end:  # all ranks stop together
             if not saved:
-                save_checkpoint()
+                _save_checkpoint(run, st)
             bar.close()
             signame = stop.requested or "a signal on another rank"
             metrics.write({"event": "preempted", "step": step, "signal": signame})
-            metrics.close()
-            raise Preempted(
-                f"stopped by {signame} after step {step}; checkpoint saved. "
-                f"Resume with: rewarm train {run.config} --resume"
-            )
+            raise Preempted(f"stopped by {signame} after step {step}; checkpoint saved. "
+                            f"Resume with: rewarm train {run.config} --resume")
     bar.close()
-    st.finish(run, metrics)
-    metrics.close()
 
 
-def _on_divergence(cfg: RunConfig, run: RunDir, st: RunState, metrics: MetricsWriter, step: int, bad: int) -> int:
-    """Stop with a clear message, or roll back to the newest checkpoint with a lower LR."""
+@dataclass
+class StepResult:
+    loss: float  # mean over the global batch (all ranks)
+    grad_norm: float  # before clipping
+    lr: float
+    finite: bool  # False: the update was skipped
+
+
+@dataclass
+class _StepFunctions:
+    """What a step calls, decided once: the forward (maybe compiled), the grad scaler, the parameters."""
+
+    forward: torch.nn.Module
+    backbone: torch.nn.Module | None  # a compiled body for the fused head + loss, or None
+    scaler: Any
+    params: list[torch.nn.Parameter]
+    accum: int  # micro-steps per optimizer step on this rank
+
+    @classmethod
+    def build(cls, st: RunState) -> "_StepFunctions":
+        t, model = st.cfg.train, st.model
+        forward, backbone = model, None
+        if t.compile:
+            parts = head_and_backbone(model)
+            if parts is not None:  # compile the body; the fused head + loss stays outside the graph
+                backbone = torch.compile(parts[0])
+            else:
+                forward = torch.compile(model)
+        scaler = torch.amp.GradScaler("cuda") if st.precision == "fp16" else None
+        return cls(forward, backbone, scaler, [p for p in model.parameters() if p.requires_grad],
+                   t.global_batch // (t.micro_batch * st.dist.world))
+
+
+def train_step(st: RunState, fns: _StepFunctions) -> StepResult:
+    """One optimizer step at `st.state.step`: set the LR, run the micro-batches (gradients are
+    synchronised on the last one only), average the loss over ranks, clip, update — or skip the
+    update when the loss or the gradient norm is not finite. Advances the step either way."""
+    cfg, d, opt, ts = st.cfg, st.dist, st.optimizer, st.state
+    lr = st.schedule(ts.step) * ts.lr_scale
+    for group in opt.param_groups:
+        group["lr"] = lr
+    windows, _ = st.mixture.batch(ts.step, d.rank, d.world)
+    micro_batches = torch.from_numpy(windows).split(cfg.train.micro_batch)
+    loss_sum = 0.0
+    for i, micro in enumerate(micro_batches):
+        with distributed.set_grad_sync(st.model, d, sync=i == len(micro_batches) - 1):
+            with autocast(st.device, st.precision):
+                loss = lm_loss(fns.forward, micro.to(st.device, non_blocking=True), backbone=fns.backbone) / fns.accum
+            (fns.scaler.scale(loss) if fns.scaler else loss).backward()
+        loss_sum += loss.item()
+    loss_sum = d.mean(loss_sum, st.device)  # every rank sees (and agrees on) the global loss
+    if fns.scaler:
+        fns.scaler.unscale_(opt)
+    clip = cfg.optimizer.grad_clip if cfg.optimizer.grad_clip > 0 else math.inf
+    norm = torch.nn.utils.clip_grad_norm_(fns.params, clip)
+    grad_norm = float(norm.full_tensor() if hasattr(norm, "full_tensor") else norm)
+    finite = math.isfinite(loss_sum) and math.isfinite(grad_norm)
+    if finite and fns.scaler:
+        fns.scaler.step(opt)
+        fns.scaler.update()
+    elif finite:
+        opt.step()
+    else:
+        ts.bad_steps += 1
+        log.warning("step %d: non-finite loss/grad norm (%s / %s); update skipped", ts.step + 1, loss_sum, grad_norm)
+    opt.zero_grad(set_to_none=True)
+    ts.step += 1
+    ts.tokens = ts.step * st.tokens_per_step
+    return StepResult(loss_sum, grad_norm, lr, finite)
+
+
+def _due(step: int, every: int) -> bool:
+    return every > 0 and step % every == 0
+
+
+class _Throughput:
+    """Training tokens per second over the steps since the last `rate()`: only the time spent
+    inside `train_step` counts, not evaluation, checkpoints or logging."""
+
+    def __init__(self, tokens_per_step: int):
+        self.tokens_per_step, self.steps, self.seconds = tokens_per_step, 0, 0.0
+
+    @contextlib.contextmanager
+    def measure(self):
+        start = time.perf_counter()
+        yield
+        self.steps += 1
+        self.seconds += time.perf_counter() - start
+
+    def rate(self) -> float:
+        tok_s = self.tokens_per_step * self.steps / max(self.seconds, 1e-9)
+        self.steps, self.seconds = 0, 0.0
+        return tok_s
+
+
+def _run_eval(st: RunState, metrics: MetricsWriter) -> None:
+    # DDP: each rank scores its share of windows on the plain module; FSDP: all ranks score all
+    d = st.dist
+    sharded = d.active and d.strategy == "ddp"
+    results = evaluate(distributed.unwrap(st.model) if sharded else st.model, st.eval_sets, st.cfg.eval.batch, st.device,
+                       st.precision, rank=d.rank if sharded else 0, world=d.world if sharded else 1,
+                       reduce=(lambda xs: d.sum(xs, st.device)) if sharded else None)
+    step = st.state.step
+    metrics.write({"event": "eval", "step": step, "tokens": step * st.tokens_per_step, "sets": results})
+    if d.is_main:
+        line = "  ".join(f"{name} {r['loss']:.4f} (ppl {r['ppl']:.1f})" for name, r in results.items())
+        tqdm.write(f"eval @ step {step:>6} | {line}")
+
+
+def _run_downstream(st: RunState, metrics: MetricsWriter) -> None:
+    ds, step = st.cfg.eval.downstream, st.state.step
+    if st.dist.is_main:  # rank 0 scores the plain (unwrapped, uncompiled) module; the others wait
+        from rewarm.downstream.harness import run_tasks
+        from rewarm.downstream.record import event
+
+        settings = {"limit": ds.limit or None, "num_fewshot": ds.num_fewshot, "batch": ds.batch, "max_length": None}
+        results = run_tasks(st.raw_model, st.tokenizer, ds.tasks, limit=ds.limit or None,
+                            num_fewshot=ds.num_fewshot, batch_size=ds.batch)
+        metrics.write(event(step, step * st.tokens_per_step, results, settings, "training"))
+        line = "  ".join(f"{name} acc {r['acc']:.3f} p_choices(gold) {r['p_choices_gold']:.3f}"
+                         for name, r in results.items() if r.get("p_choices_gold") is not None and "acc" in r)
+        tqdm.write(f"downstream @ step {step:>6} | {line}")
+    st.dist.barrier()
+
+
+def _save_checkpoint(run: RunDir, st: RunState) -> None:
+    model_sd, optim_sd = distributed.full_state(st.model, st.optimizer, st.dist)  # a collective under FSDP
+    if st.dist.is_main:
+        checkpoint.save(run.checkpoints, st.raw_model, st.tokenizer, st.snapshot(optim_sd), state_dict=model_sd)
+        checkpoint.prune(run.checkpoints, st.cfg.checkpoint.keep_last, set(st.cfg.checkpoint.keep_steps))
+    st.dist.barrier()
+
+
+def _on_divergence(cfg: RunConfig, run: RunDir, st: RunState, metrics: MetricsWriter, bad: int) -> None:
+    """Stop with a clear message, or roll back to an older checkpoint with a lower LR."""
+    step = st.state.step
     # each rollback goes strictly further back than the previous one
     before = min(step, st.last_rollback_to) if st.last_rollback_to is not None else step
     found = checkpoint.load_latest(run.checkpoints, before=before) if cfg.train.on_divergence == "rollback" else None
     if found is None:
         metrics.write({"event": "diverged", "step": step, "bad_in_row": bad})
-        metrics.close()
         how = ("no checkpoint to roll back to" if cfg.train.on_divergence == "rollback"
                else "set train.on_divergence=rollback to retry from the last checkpoint with a lower LR")
         raise Diverged(
-            f"training diverged: {bad} non-finite steps in a row at step {step} ({st.bad_steps} in total); {how}. "
+            f"training diverged: {bad} non-finite steps in a row at step {step} ({st.state.bad_steps} in total); {how}. "
             f"Lower schedule.max_lr or lengthen the warmup, then start again (or --resume from an earlier checkpoint)."
         )
-    from rewarm.model import load_pretrained
-
-    path, state = found
-    if st.dist.active and st.dist.strategy == "fsdp":
-        from torch.distributed.checkpoint.state_dict import StateDictOptions, set_model_state_dict
-
-        set_model_state_dict(st.model, load_pretrained(str(path)).state_dict(), options=StateDictOptions(full_state_dict=True))
-    else:
-        st.raw_model.load_state_dict(load_pretrained(str(path)).state_dict())
-    distributed.load_optimizer_state(st.model, st.optimizer, state["optimizer"], st.dist)
-    st.lr_scale *= cfg.train.rollback_lr_factor
-    back_to = int(state["step"])
-    st.last_rollback_to = back_to
+    path, saved = found
+    checkpoint.restore(path, saved, st.model, st.optimizer, st.dist)
+    st.state.step = st.last_rollback_to = saved.step
+    st.state.lr_scale *= cfg.train.rollback_lr_factor
     if st.dist.is_main:
-        run.truncate_metrics_after(back_to)
+        run.truncate_metrics_after(saved.step)
         metrics.reopen()
-    metrics.write({"event": "rollback", "step": back_to, "from_step": step, "lr_scale": st.lr_scale})
-    log.warning("diverged at step %d: rolled back to %s, LR scaled by %g", step, path, st.lr_scale)
-    return back_to
+    metrics.write({"event": "rollback", "step": saved.step, "from_step": step, "lr_scale": st.state.lr_scale})
+    log.warning("diverged at step %d: rolled back to %s, LR scaled by %g", step, path, st.state.lr_scale)
+
+
+def _finish(run: RunDir, st: RunState, metrics: MetricsWriter) -> None:
+    """Write final/ (HF model + tokenizer), then summary.json, both atomically (rank 0)."""
+    model_sd, _ = distributed.full_state(st.model, st.optimizer, st.dist)  # a collective under FSDP
+    if not st.dist.is_main:
+        return
+    t = st.cfg.train
+    save_model(st.raw_model, run.final, st.tokenizer, state_dict=model_sd)
+    evals = [(e["step"], e["sets"]) for e in run.read_metrics() if e.get("event") == "eval"]
+    summary: dict[str, Any] = {
+        "status": "completed", "steps": t.max_steps, "tokens": t.max_steps * st.tokens_per_step, "init": st.cfg.init,
+        "final": {}, "initial": {}, "best": {}, "bad_steps": st.state.bad_steps, "final_dir": str(run.final),
+    }
+    for name in (evals[-1][1] if evals else {}):
+        series = [(s, r[name]["loss"]) for s, r in evals if name in r]
+        summary["initial"][name] = series[0][1]
+        summary["final"][name] = series[-1][1]
+        best = min(series, key=lambda x: x[1])
+        summary["best"][name] = {"loss": best[1], "step": best[0]}
+    atomic.write_json(run.summary, summary)
+    metrics.write({"event": "end", "step": t.max_steps, "summary": summary})
 
 
 class _StopOnSignal:

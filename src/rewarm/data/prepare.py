@@ -10,6 +10,7 @@ whole output directory is built under a temporary name and renamed at the end.
 from __future__ import annotations
 
 import hashlib
+import itertools
 import json
 import logging
 import os
@@ -21,6 +22,7 @@ from typing import Iterable, Iterator
 import numpy as np
 from tqdm import tqdm
 
+from rewarm import atomic
 from rewarm.data.sources import ReadStats, expand_inputs, file_documents, hf_dataset_documents
 from rewarm.errors import UserError
 from rewarm.tokenizer import fingerprint, load_tokenizer
@@ -69,7 +71,7 @@ def _batches(docs: Iterable[str]) -> Iterator[list[str]]:
         yield batch
 
 
-def _input_signature(inputs: list[str], files: list[Path], hf_dataset: str | None) -> list:
+def _input_signature(files: list[Path], hf_dataset: str | None) -> list:
     sig = [[str(f), f.stat().st_size, int(f.stat().st_mtime)] for f in files]
     if hf_dataset:
         sig.append(["hf", hf_dataset])
@@ -108,7 +110,7 @@ def prepare(
     vocab = len(tok)
     dtype = token_dtype(vocab)
     settings = {
-        "inputs": _input_signature(inputs, files, hf_dataset),
+        "inputs": _input_signature(files, hf_dataset),
         "hf_split": hf_split if hf_dataset else None,
         "text_field": text_field,
         "tokenizer_fingerprint": fingerprint(tok),
@@ -126,7 +128,7 @@ def prepare(
         raise UserError(f"{out} already exists (prepared from other arguments). Pass --overwrite to replace it, or choose another output directory.")
 
     out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = out.with_name(f".{out.name}.tmp-{os.getpid()}")
+    tmp = atomic.temp_path(out)
     shutil.rmtree(tmp, ignore_errors=True)
     tmp.mkdir(parents=True)
     t0 = time.time()
@@ -134,7 +136,7 @@ def prepare(
         stats = ReadStats()
         docs: Iterator[str] = file_documents(files, text_field, stats, strict)
         if hf_dataset:
-            docs = _chain(docs, hf_dataset_documents(hf_dataset, hf_split, text_field, stats))
+            docs = itertools.chain(docs, hf_dataset_documents(hf_dataset, hf_split, text_field, stats))
         n_tokens, max_id = _tokenize_all(docs, tok, dtype, tmp, seed, stats, progress, total_bytes=sum(f.stat().st_size for f in files))
         if stats.documents == 0:
             raise UserError(
@@ -164,9 +166,7 @@ def prepare(
             "args_key": args_key,
         }
         (tmp / "meta.json").write_text(json.dumps(meta, indent=2))
-        if out.exists():
-            shutil.rmtree(out)
-        os.replace(tmp, out)
+        atomic.commit(tmp, out)
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
     skipped = {k: v for k, v in meta["skipped"].items() if v}
@@ -174,10 +174,6 @@ def prepare(
         log.warning("skipped documents: %s (use --strict to fail instead)", skipped)
     return meta
 
-
-def _chain(*its: Iterator[str]) -> Iterator[str]:
-    for it in its:
-        yield from it
 
 
 def _tokenize_all(docs, tok, dtype, tmp: Path, seed: int, stats: ReadStats, progress: bool, total_bytes: int):

@@ -25,8 +25,8 @@ from typing import Any
 import numpy as np
 import torch
 
+from rewarm import atomic
 from rewarm.errors import UserError
-from rewarm.rundir import write_jsonl_atomic
 
 log = logging.getLogger(__name__)
 
@@ -89,7 +89,7 @@ def run_tasks(model: torch.nn.Module, tokenizer, tasks: list[str], *, limit: int
         results[name] = row
         sample_rows += _sample_rows(name, task, samples)
     if samples_out is not None:
-        write_jsonl_atomic(samples_out, sample_rows)
+        atomic.write_jsonl(samples_out, sample_rows)
     if any(n.startswith("mmlu_") for n in results) and "mmlu" in tasks:
         results["mmlu"] = pooled({k: v for k, v in results.items() if k.startswith("mmlu_")})
     log.info("downstream: %d task(s) in %.1f s", len(results), time.perf_counter() - started)

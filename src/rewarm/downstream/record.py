@@ -4,12 +4,12 @@ from __future__ import annotations
 
 import json
 import logging
-import re
 from pathlib import Path
 from typing import Any
 
-from rewarm.checkpoint import write_json_atomic
-from rewarm.rundir import RunDir
+from rewarm import atomic, checkpoint
+from rewarm.errors import UserError
+from rewarm.rundir import MetricsWriter, RunDir
 
 log = logging.getLogger(__name__)
 
@@ -21,12 +21,10 @@ def run_context(model_dir: Path) -> tuple[RunDir, int, int] | None:
         run = RunDir(model_dir.parent)
         summary = json.loads(run.summary.read_text())
         return run, int(summary["steps"]), int(summary["tokens"])
-    m = re.fullmatch(r"step_(\d+)", model_dir.name)
-    if m and model_dir.parent.name == "checkpoints" and (model_dir.parent.parent / "config.yaml").is_file():
-        from rewarm.checkpoint import load_trainer_state
-
-        state = load_trainer_state(model_dir)
-        return RunDir(model_dir.parent.parent), int(state["step"]), int(state["tokens"])
+    if (checkpoint.step_of(model_dir) is not None and model_dir.parent.name == "checkpoints"
+            and (model_dir.parent.parent / "config.yaml").is_file()):
+        state = checkpoint.load_trainer_state(model_dir)
+        return RunDir(model_dir.parent.parent), state.step, state.tokens
     return None
 
 
@@ -42,15 +40,19 @@ def record(model_dir: Path, results: dict[str, Any], settings: dict[str, Any], o
     out = Path(out) if out else Path(model_dir) / "downstream.json"
     doc = {"model": str(model_dir), "step": step, "tokens": tokens, **settings, "tasks": results}
     out.parent.mkdir(parents=True, exist_ok=True)
-    write_json_atomic(out, doc)
+    atomic.write_json(out, doc)
     if ctx:
         run = ctx[0]
-        holder = run.lock_holder()
-        if holder:
-            log.warning("run %s is in use by process %d: not adding to its metrics.jsonl (results are in %s)",
-                        run.path, holder, out)
-        else:
-            with open(run.metrics, "a") as fh:
-                fh.write(json.dumps(event(step, tokens, results, settings, "standalone")) + "\n")
+        try:
+            run.acquire_lock()  # a live run owns its log; holding the lock keeps one from starting meanwhile
+        except UserError:
+            log.warning("run %s is in use by process %s: not adding to its metrics.jsonl (results are in %s)",
+                        run.path, run.lock_holder(), out)
+            return out
+        try:
+            writer = MetricsWriter(run.metrics)
+            writer.write(event(step, tokens, results, settings, "standalone"))
+            writer.close()
+        finally:
+            run.release_lock()
     return out
-

@@ -18,6 +18,7 @@ import tempfile
 import zipfile
 from pathlib import Path
 
+from rewarm import atomic
 from rewarm.errors import UserError, did_you_mean
 
 log = logging.getLogger(__name__)
@@ -96,9 +97,7 @@ def install(root: Path | None = None, wheel: str | Path | None = None, force: bo
                 dest.parent.mkdir(parents=True, exist_ok=True)
                 with zf.open(m) as src, open(dest, "wb") as out:
                     shutil.copyfileobj(src, out)
-        if target.exists():
-            shutil.rmtree(target)
-        os.replace(staging, target)
+        atomic.commit(staging, target)
     return target
 
 
@@ -150,9 +149,7 @@ def stock_names() -> frozenset[str]:
     names = sorted(TaskManager().all_tasks)
     try:
         cache.parent.mkdir(parents=True, exist_ok=True)
-        tmp = cache.with_name(f".{cache.name}.tmp-{os.getpid()}")
-        tmp.write_text("\n".join(names))
-        os.replace(tmp, cache)
+        atomic.write_text(cache, "\n".join(names))
     except OSError:
         pass  # a read-only cache only costs time
     return frozenset(names)

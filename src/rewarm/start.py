@@ -1,32 +1,34 @@
 """Everything before the first step: start modes, data checks, model, optimizer, run dir.
 
-The three start modes (DESIGN.md) differ only here:
+The three start modes (README, "Start modes") differ only here:
 - scratch: random weights from a preset/config;
 - weights: load weights only; optimizer, schedule step and data position start at 0;
 - resume:  weights, optimizer, step, RNG from this run's newest intact checkpoint.
 """
 from __future__ import annotations
 
+import dataclasses
 import logging
 import re
 import shutil
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable
 
 import torch
 import yaml
 
-from rewarm import checkpoint, distributed
-from rewarm.distributed import Dist
+from rewarm import atomic, checkpoint, distributed
 from rewarm.config import RunConfig, check_batch, config_from_dict, dump_yaml, to_dict
 from rewarm.data.mixture import Mixture, Source
 from rewarm.data.shards import TokenShards
+from rewarm.distributed import Dist
 from rewarm.errors import UserError
 from rewarm.evaluate import EvalSet
-from rewarm.model import build_config, check_vocab, count_params, init_scratch, load_pretrained, save_model
-from rewarm.rundir import MetricsWriter, RunDir
+from rewarm.model import build_config, check_vocab, count_params, init_scratch, load_pretrained
+from rewarm.rundir import RunDir
 from rewarm.schedules import build_schedule
+from rewarm.state import TrainerState, capture_rng
 from rewarm.tokenizer import fingerprint, load_tokenizer
 
 log = logging.getLogger(__name__)
@@ -40,8 +42,10 @@ RESUME_SAFE_KEYS = {"init", "train.log_interval", "train.device", "train.num_thr
 
 @dataclass
 class RunState:
+    """What the loop works with; `state` holds the counters that checkpoints save."""
+
     cfg: RunConfig
-    model: torch.nn.Module  # what the loop calls: wrapped for DDP/FSDP, maybe compiled
+    model: torch.nn.Module  # what the loop calls: wrapped for DDP/FSDP
     raw_model: torch.nn.Module  # the HF module (for save_pretrained, config)
     dist: Dist
     optimizer: torch.optim.Optimizer
@@ -52,48 +56,32 @@ class RunState:
     device: torch.device
     start_info: dict
     precision: str = "fp32"  # train.precision resolved (auto -> fp32 / bf16)
-    step: int = 0
-    bad_steps: int = 0
-    lr_scale: float = 1.0
-    last_rollback_to: int | None = None
-    last_logged_step: int = 0
+    state: TrainerState = field(default_factory=TrainerState)
+    last_rollback_to: int | None = None  # each rollback must go further back than this
+
+    @property
+    def tokens_per_step(self) -> int:
+        return self.cfg.train.global_batch * self.cfg.train.seq_len
 
     def start_event(self) -> dict:
-        return {"event": "start", "step": self.step, **self.start_info}
+        return {"event": "start", "step": self.state.step, **self.start_info}
 
-    def finish(self, run: RunDir, metrics: MetricsWriter) -> None:
-        """Write final/ (HF model + tokenizer) and then summary.json, both atomically (rank 0)."""
-        model_sd, _ = distributed.full_state(self.model, self.optimizer, self.dist)  # collective under FSDP
-        if not self.dist.is_main:
-            return
-        save_model(self.raw_model, run.final, self.tokenizer, state_dict=model_sd)
-        evals = [(e["step"], e["sets"]) for e in run.read_metrics() if e.get("event") == "eval"]
-        summary: dict[str, Any] = {
-            "status": "completed",
-            "steps": self.cfg.train.max_steps,
-            "tokens": self.cfg.train.max_steps * self.cfg.train.global_batch * self.cfg.train.seq_len,
-            "init": self.cfg.init,
-            "final": {}, "initial": {}, "best": {},
-            "bad_steps": self.bad_steps,
-            "final_dir": str(run.final),
-        }
-        for name in (evals[-1][1] if evals else {}):
-            series = [(s, r[name]["loss"]) for s, r in evals if name in r]
-            summary["initial"][name] = series[0][1]
-            summary["final"][name] = series[-1][1]
-            best = min(series, key=lambda x: x[1])
-            summary["best"][name] = {"loss": best[1], "step": best[0]}
-        checkpoint.write_json_atomic(run.summary, summary)
-        metrics.write({"event": "end", "step": self.cfg.train.max_steps, "summary": summary})
+    def snapshot(self, optimizer_state: dict) -> TrainerState:
+        """The live counters plus the optimizer and RNG states, as a checkpoint stores them."""
+        return dataclasses.replace(self.state, tokens=self.state.step * self.tokens_per_step, world_size=self.dist.world,
+                                   optimizer=optimizer_state, rng=capture_rng())
+
+
+def read_cpuinfo() -> str:
+    try:
+        return Path("/proc/cpuinfo").read_text()
+    except OSError:
+        return ""
 
 
 def cpu_has_bf16_units() -> bool:
     """AMX or AVX512-BF16: the CPUs where bf16 GEMMs beat fp32 (elsewhere they are ~100x slower)."""
-    try:
-        flags = Path("/proc/cpuinfo").read_text()
-    except OSError:
-        return False
-    return bool(re.search(r"\b(amx_bf16|avx512_bf16)\b", flags))
+    return bool(re.search(r"\b(amx_bf16|avx512_bf16)\b", read_cpuinfo()))
 
 
 def resolve_precision(setting: str, device: torch.device) -> str:
@@ -153,7 +141,7 @@ def _param_groups(model: torch.nn.Module, weight_decay: float) -> list[dict]:
     return [{"params": decay, "weight_decay": weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
 
 
-def prepare_run(cfg: RunConfig, run: RunDir, d: Dist, *, overwrite: bool = False, allow_config_change: bool = False) -> RunState:
+def start_run(cfg: RunConfig, run: RunDir, d: Dist, *, overwrite: bool = False, allow_config_change: bool = False) -> RunState:
     torch.manual_seed(cfg.seed)
     if cfg.train.num_threads:
         torch.set_num_threads(cfg.train.num_threads)
@@ -164,11 +152,9 @@ def prepare_run(cfg: RunConfig, run: RunDir, d: Dist, *, overwrite: bool = False
     precision = resolve_precision(cfg.train.precision, device)
     if precision == "fp16" and device.type != "cuda":
         raise UserError("`train.precision: fp16` needs a CUDA device (it uses a grad scaler); use bf16 or fp32 on CPU.")
-    if cfg.checkpoint.keep_last < 1:
-        raise UserError("`checkpoint.keep_last` must be >= 1 (the newest checkpoint is what a resume uses).")
 
     resume_from: Path | None = None
-    resume_state: dict = {}
+    resume_state = TrainerState()
     if cfg.init == "resume":
         found = checkpoint.load_latest(run.checkpoints)
         if found is None:
@@ -238,23 +224,21 @@ def prepare_run(cfg: RunConfig, run: RunDir, d: Dist, *, overwrite: bool = False
         betas=tuple(cfg.optimizer.betas), eps=cfg.optimizer.eps, **({"fused": True} if fused else {"foreach": True}),
     )
 
-    step, bad_steps, lr_scale = 0, 0, 1.0
+    state = TrainerState()
     optimizer_from = "fresh"
     if resume_from:
-        distributed.load_optimizer_state(model, opt, resume_state["optimizer"], d)
-        torch.set_rng_state(resume_state["torch_rng"])
-        step, bad_steps = int(resume_state["step"]), int(resume_state.get("bad_steps", 0))
-        lr_scale = float(resume_state.get("lr_scale", 1.0))
+        checkpoint.restore(resume_from, resume_state, model, opt, d)
+        state = dataclasses.replace(resume_state, optimizer={}, rng={})  # live counters; snapshots are taken at save
         if d.is_main:
-            run.truncate_metrics_after(step)
+            run.truncate_metrics_after(state.step)
         optimizer_from = str(resume_from)
-        log.info("resuming %s from step %d (%s)", run.path, step, resume_from)
+        log.info("resuming %s from step %d (%s)", run.path, state.step, resume_from)
     elif cfg.init == "weights" and cfg.optimizer.state == "from_checkpoint":
         state_file = Path(cfg.model.path) / checkpoint.TRAINER_STATE
         if not state_file.is_file():
             raise UserError(f"`optimizer.state: from_checkpoint` but {state_file} does not exist: only rewarm "
                             f"checkpoints (checkpoints/step_N) carry optimizer state. Use `optimizer.state: fresh`.")
-        distributed.load_optimizer_state(model, opt, checkpoint.load_trainer_state(Path(cfg.model.path))["optimizer"], d)
+        distributed.load_optimizer_state(model, opt, checkpoint.load_trainer_state(Path(cfg.model.path)).optimizer, d)
         optimizer_from = cfg.model.path
     if cfg.init == "weights":
         log.warning(
@@ -264,11 +248,9 @@ def prepare_run(cfg: RunConfig, run: RunDir, d: Dist, *, overwrite: bool = False
 
     if not resume_from and d.is_main:
         run.path.mkdir(parents=True, exist_ok=True)
-        checkpoint_text = dump_yaml(cfg)
-        tmp = run.config.with_name(".config.yaml.tmp")
-        tmp.write_text(checkpoint_text)
-        tmp.replace(run.config)
-        config_from_dict(yaml.safe_load(checkpoint_text))  # the saved file must load back as it is
+        config_text = dump_yaml(cfg)
+        config_from_dict(yaml.safe_load(config_text))  # the saved file must load back as it is
+        atomic.write_text(run.config, config_text)
 
     n_params = count_params(raw_model)
     start_info = {
@@ -283,9 +265,8 @@ def prepare_run(cfg: RunConfig, run: RunDir, d: Dist, *, overwrite: bool = False
         "precision": precision,
     }
     log.info("%s: %s params, %d steps x %d tokens, lr %s from step %d", run.path, f"{n_params:,}",
-             cfg.train.max_steps, start_info["tokens_per_step"], cfg.schedule.name, step)
+             cfg.train.max_steps, start_info["tokens_per_step"], cfg.schedule.name, state.step)
     d.barrier()
     return RunState(cfg=cfg, model=model, raw_model=raw_model, dist=d, optimizer=opt, tokenizer=tokenizer, mixture=mixture,
                     eval_sets=eval_sets, schedule=build_schedule(cfg.schedule, cfg.train.max_steps),
-                    device=device, start_info=start_info, precision=precision, step=step, bad_steps=bad_steps, lr_scale=lr_scale,
-                    last_logged_step=step)
+                    device=device, start_info=start_info, precision=precision, state=state)
