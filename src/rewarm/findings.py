@@ -1,4 +1,4 @@
-"""The papers' findings as computable checks over a set of runs (shared FINDINGS.md).
+"""The papers' findings as computable checks over a set of runs (docs/findings.md).
 
 Each check gets runs by role (the demo's run names, below) and returns whether the finding
 held *in these runs*, with the numbers. "Final loss" is the last eval of a run. Nothing here

@@ -1,6 +1,6 @@
 """Read finished (or partial) run directories back as numbers: evals, LR, forgetting, adaptation.
 
-Definitions (shared FINDINGS.md): step-0 loss = the eval before any update; final loss = the
+Definitions (docs/findings.md): step-0 loss = the eval before any update; final loss = the
 last eval; forgetting = final upstream - step-0 upstream; adaptation = step-0 downstream -
 final downstream; re-warming spike = peak upstream loss over the evals in the first 10% of
 steps (after step 0) minus the step-0 upstream loss.
