@@ -278,6 +278,30 @@ def section_prepare(tmp, tok_dir, quick):
                                                      "ratio", "prepare peak RSS (MB)", "map peak RSS (MB)"], rows)
 
 
+def section_prepare_one_document(tmp, tok_dir, quick):
+    """Peak RSS of `rewarm prepare` on ONE document of 10 / 50 / 100 MB, as one line and as many lines:
+    flat in the document's size means the document is never held whole (ratio vs the 10 MB run)."""
+    text = "".join(Path(f).read_text(encoding="utf-8", errors="replace") for f in corpora.shakespeare_modern())
+    rows, base = [], {}
+    for mb in ((10, 50) if quick else (10, 50, 100)):
+        for shape in ("many lines", "one line"):
+            doc = Path(tmp) / f"one_{mb}_{shape.replace(' ', '_')}.txt"
+            block = text if shape == "many lines" else text.replace("\n", " ")
+            with open(doc, "w", encoding="utf-8") as fh:
+                written = 0
+                while written < mb << 20:
+                    fh.write(block)
+                    written += len(block)
+            out = subprocess.run([sys.executable, "-c", PREP_CHILD, str(tok_dir), str(Path(tmp) / "one_out"), str(doc)],
+                                 capture_output=True, text=True, check=True).stdout.split()
+            n, dt, rss = int(out[0]), float(out[1]), int(out[2])
+            base.setdefault(shape, rss)
+            rows.append([f"{mb} MB", shape, f"{n:,}", f"{n / dt:,.0f}", f"{rss / 1024:.0f}", f"{rss / base[shape]:.2f}"])
+            doc.unlink()
+    table("3b. prepare on one large document (Shakespeare text repeated)",
+          ["document", "shape", "tokens", "tok/s", "peak RSS (MB)", "RSS vs 10 MB"], rows)
+
+
 def main() -> None:
     p = argparse.ArgumentParser()
     p.add_argument("--quick", action="store_true", help="one shape, fewer steps (a smoke run)")
@@ -299,6 +323,7 @@ def main() -> None:
         prepare([str(f) for f in code], str(tok_dir), shards, val_fraction=0.02, progress=False)
         section_train(tmp, shards, len(load_tokenizer(str(tok_dir))), args.quick)
         section_prepare(tmp, tok_dir, args.quick)
+        section_prepare_one_document(tmp, tok_dir, args.quick)
     print(f"\nbenchmarks finished in {time.time() - t0:.0f} s")
 
 

@@ -102,19 +102,30 @@ def test_existing_run_is_not_clobbered(tmp_path, shards):
 
 
 def test_resume_without_checkpoint_and_with_config_drift(tmp_path, shards):
-    cfg = small_run_config(tmp_path / "r", shards, **{"train.max_steps": 3, "eval.interval": 3, "checkpoint.interval": 0})
-    assert_user_error(cli_train(tmp_path, cfg, "--resume"), "no intact checkpoint")
+    # precision `auto` on purpose: resuming with what it resolves to here must count as the same run
+    cfg = small_run_config(tmp_path / "r", shards, **{"train.max_steps": 3, "eval.interval": 3, "checkpoint.interval": 0,
+                                                      "train.precision": "auto"})
+    assert_user_error(cli_train(tmp_path, cfg, "--resume"), "no run to resume")
+
+    def interrupted() -> None:  # as if killed after the last checkpoint, before final/ and the summary
+        import shutil
+
+        shutil.rmtree(tmp_path / "r" / "final")
+        (tmp_path / "r" / "summary.json").unlink()
+
     assert cli_train(tmp_path, cfg).returncode == 0
+    interrupted()
     drift = cli_train(tmp_path, dict(cfg, seed=5), "--resume")
     assert_user_error(drift, "changes the run", "seed: 0 -> 5", "--allow-config-change")
-    # spelling out what `precision: auto` resolves to here is the same run, not drift
     import torch
 
     from rewarm.start import resolve_precision
 
-    same = cli_train(tmp_path, {**cfg, "train": {**cfg["train"], "precision": resolve_precision("auto", torch.device("cpu"))}}, "--resume")
+    resolved = resolve_precision("auto", torch.device("cpu"))
+    same = cli_train(tmp_path, {**cfg, "train": {**cfg["train"], "precision": resolved}}, "--resume")
     assert same.returncode == 0, same.stderr[-2000:]
-    other = "bf16" if resolve_precision("auto", torch.device("cpu")) == "fp32" else "fp32"
+    interrupted()
+    other = "bf16" if resolved == "fp32" else "fp32"
     changed = cli_train(tmp_path, {**cfg, "train": {**cfg["train"], "precision": other}}, "--resume")
     assert_user_error(changed, "changes the run", "train.precision")
 
@@ -122,9 +133,9 @@ def test_resume_without_checkpoint_and_with_config_drift(tmp_path, shards):
 def test_impossible_warmup_and_bad_weights():
     with pytest.raises(UserError, match="covers all 10 steps"):
         load_config(None, ["data.train=[{name: a, path: x}]", "model.preset=tiny", "train.max_steps=10", "schedule.warmup=10"])
-    with pytest.raises(UserError, match="weights must be >= 0"):
+    with pytest.raises(UserError, match=r"`data.train\[0\].weight` must be >= 0"):
         load_config(None, ["data.train=[{name: a, path: x, weight: -1}]", "model.preset=tiny"])
-    with pytest.raises(UserError, match="learning rates must be >= 0"):
+    with pytest.raises(UserError, match="`schedule.max_lr` must be >= 0"):
         load_config(None, ["data.train=[{name: a, path: x}]", "model.preset=tiny", "schedule.max_lr=-1"])
 
 
@@ -142,3 +153,22 @@ def test_readme_config_table_is_the_generated_reference():
     section = readme.split("## Config reference\n", 1)[1].splitlines()
     rows = section[: next(i for i, line in enumerate(section) if not line.startswith("|"))]
     assert "\n".join(rows) == config_reference()
+
+
+def test_error_catalogue_names_a_real_test_on_every_row_and_the_readme_counts_them():
+    import ast
+    import re
+    from pathlib import Path
+
+    root = Path(__file__).parents[1]
+    tests = {}
+    for f in (root / "tests").glob("test_*.py"):
+        tests[f.stem] = {n.name for n in ast.walk(ast.parse(f.read_text())) if isinstance(n, ast.FunctionDef)}
+    rows = [line for line in (root / "docs" / "errors.md").read_text().splitlines() if re.match(r"\| \d+ \|", line)]
+    assert [int(r.split("|")[1]) for r in rows] == list(range(1, len(rows) + 1))
+    for row in rows:
+        named = re.findall(r"`(test_\w+)::(test_\w+)`", row.rsplit("|", 2)[1])
+        assert named or row.rsplit("|", 2)[1].strip() == "same", row
+        for module, name in named:
+            assert name in tests.get(module, set()), (module, name)
+    assert f"[docs/errors.md](docs/errors.md) ({len(rows)} rows, each with its test)" in (root / "README.md").read_text()

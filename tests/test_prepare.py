@@ -156,3 +156,75 @@ def test_huge_single_document_is_tokenized_in_pieces(tmp_path, tokenizer_dir):
     tok = load_tokenizer(str(tokenizer_dir))
     piece_ids = tok("abc def ghi\n" * 1000, add_special_tokens=False)["input_ids"]
     assert meta["train"]["tokens"] == len(piece_ids) * 250 + len(tok("small doc " * 10)["input_ids"]) + 2
+
+
+def test_non_string_text_fields_are_skipped_or_refused(tmp_path, tokenizer_dir):
+    """null / 12345 / ["a", "b"] used to be tokenized as the strings 'None', '12345', "['a', 'b']"."""
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    tok = load_tokenizer(str(tokenizer_dir))
+    bad = [None, 12345, ["a", "b"], {"x": 1}, True]
+    rows = [{"text": t} for t in DOCS[:10]] + [{"text": v} for v in bad]
+    (tmp_path / "d.jsonl").write_text("\n".join(json.dumps(r) for r in rows) + "\n")
+    meta = prepare([str(tmp_path / "d.jsonl")], str(tokenizer_dir), tmp_path / "j", val_fraction=0.1, progress=False)
+    check_against_independent_tokenization(tmp_path / "j", tok, DOCS[:10])
+    assert meta["skipped"]["not_text"] == len(bad)
+    proc = run_cli("prepare", str(tmp_path / "d.jsonl"), "-o", str(tmp_path / "s"), "-t", str(tokenizer_dir), "-q", "--strict")
+    assert_user_error(proc, "d.jsonl:11: field `text` is NoneType")
+    assert not (tmp_path / "s").exists()
+    for column in ([1, 2, 3], [b"bytes", b"more"], [["a"], ["b", "c"]]):
+        pq.write_table(pa.table({"text": column}), tmp_path / "c.parquet")
+        meta = prepare([str(tmp_path / "c.parquet"), str(tmp_path / "d.jsonl")], str(tokenizer_dir), tmp_path / "pq",
+                       val_fraction=0.1, progress=False, overwrite=True)
+        assert meta["skipped"]["not_text"] == len(bad) + len(column)
+        check_against_independent_tokenization(tmp_path / "pq", tok, DOCS[:10])
+
+
+def test_bad_outputs_and_fake_parquet(tmp_path, tokenizer_dir):
+    (tmp_path / "fake.parquet").write_text("this is text, not parquet\n")
+    proc = run_cli("prepare", str(tmp_path / "fake.parquet"), "-o", str(tmp_path / "o"), "-t", str(tokenizer_dir), "-q")
+    assert_user_error(proc, "fake.parquet is not a readable Parquet file")
+    (tmp_path / "doc.txt").write_text(DOCS[0])
+    (tmp_path / "afile").write_text("x")
+    assert_user_error(run_cli("prepare", str(tmp_path / "doc.txt"), "-o", str(tmp_path / "afile"), "-t", str(tokenizer_dir)),
+                      "is a file, not a directory")
+    mine = tmp_path / "mine"
+    mine.mkdir()
+    (mine / "notes.txt").write_text("keep me")
+    assert_user_error(run_cli("prepare", str(tmp_path / "doc.txt"), "-o", str(mine), "-t", str(tokenizer_dir), "--overwrite"),
+                      "not a directory written by `rewarm prepare`")
+    assert (mine / "notes.txt").read_text() == "keep me"
+    prepare([str(tmp_path / "doc.txt")], str(tokenizer_dir), tmp_path / "ok", val_fraction=0.0, progress=False)
+    (tmp_path / "ok" / "meta.json").write_text("{ torn")
+    assert_user_error(run_cli("prepare", str(tmp_path / "doc.txt"), "-o", str(tmp_path / "ok"), "-t", str(tokenizer_dir)),
+                      "already exists")
+    assert run_cli("prepare", str(tmp_path / "doc.txt"), "-o", str(tmp_path / "ok"), "-t", str(tokenizer_dir),
+                   "--overwrite", "-q").returncode == 2  # a corrupt meta is not proof that rewarm wrote it
+
+
+def test_large_file_is_streamed_with_the_same_tokens_as_whole(tmp_path, tokenizer_dir, monkeypatch):
+    """A plain-text file above the streaming threshold is never read whole (read_bytes / read_text
+    are not called on it) and gives exactly the tokens of the whole-document path."""
+    from pathlib import Path
+
+    from rewarm.data import sources
+
+    text = "".join(f.read_text() for f in prose_files(3))
+    (tmp_path / "big.txt").write_text(text)
+    whole = prepare([str(tmp_path / "big.txt")], str(tokenizer_dir), tmp_path / "whole", val_fraction=0.0, progress=False)
+    monkeypatch.setattr(sources, "LARGE_FILE_BYTES", 10_000)
+    monkeypatch.setattr(sources, "READ_BYTES", 4096)
+    real_read = Path.read_bytes
+
+    def guarded(self):
+        assert self.name != "big.txt", "a large file was read whole"
+        return real_read(self)
+    monkeypatch.setattr(Path, "read_bytes", guarded)
+    streamed = prepare([str(tmp_path / "big.txt")], str(tokenizer_dir), tmp_path / "stream", val_fraction=0.0, progress=False)
+    assert streamed["train"] == whole["train"]
+    assert np.array_equal(TokenShards(tmp_path / "stream").split("train"), TokenShards(tmp_path / "whole").split("train"))
+    (tmp_path / "bad.txt").write_bytes(text.encode()[:20_000] + b"\xff\xfe" + text.encode()[20_000:40_000])
+    meta = prepare([str(tmp_path / "bad.txt"), str(tmp_path / "big.txt")], str(tokenizer_dir), tmp_path / "mixed",
+                   val_fraction=0.0, progress=False)
+    assert meta["skipped"]["non_utf8"] == 1 and meta["train"] == whole["train"]

@@ -8,11 +8,19 @@ interrupted write is recognisable and never mistaken for the real thing.
 """
 from __future__ import annotations
 
+import errno
 import json
 import os
 import shutil
 from pathlib import Path
 from typing import Any, Iterable
+
+from rewarm.errors import DiskFull, RewarmError
+
+# A full disk surfaces as OSError(ENOSPC) from Python, but as RuntimeError from torch.save's C++
+# writer and as SafetensorError from safetensors; these are the words they use.
+_DISK_FULL_WORDS = ("no space left on device", "os error 28", "errno 28", "code: 28", "storagefull",
+                    "disk quota exceeded", "file write failed")
 
 
 def temp_path(path: str | Path) -> Path:
@@ -50,6 +58,69 @@ def commit(tmp: str | Path, final: str | Path) -> Path:
     return final
 
 
+def is_disk_full(exc: BaseException, where: str | Path | None = None) -> bool:
+    """Whether `exc` (of any type, or anything in its chain) means the disk or quota is full; if the
+    message does not say, a filesystem at `where` with under 1 MiB free counts as full."""
+    seen = exc
+    while seen is not None:
+        if isinstance(seen, OSError) and seen.errno in (errno.ENOSPC, errno.EDQUOT):
+            return True
+        if any(w in str(seen).lower() for w in _DISK_FULL_WORDS):
+            return True
+        seen = seen.__cause__ or seen.__context__
+    if where is not None:
+        try:
+            return shutil.disk_usage(_existing_parent(Path(where))).free < (1 << 20)
+        except OSError:
+            return False
+    return False
+
+
+def _existing_parent(path: Path) -> Path:
+    while not path.exists() and path != path.parent:
+        path = path.parent
+    return path
+
+
+def remove(path: Path) -> None:
+    """Delete a partial write, file or directory, ignoring what is already gone."""
+    if path.is_dir():
+        shutil.rmtree(path, ignore_errors=True)
+    else:
+        path.unlink(missing_ok=True)
+
+
+def fail_if_disk_full(exc: BaseException, partial: Path, what: str, hint: str = "") -> None:
+    """After a failed write: remove the partial `partial`, and if the disk is full raise DiskFull
+    (exit 4) saying so; otherwise return and let the caller re-raise the original error."""
+    full = not isinstance(exc, RewarmError) and is_disk_full(exc, partial)
+    remove(partial)
+    if full:
+        raise DiskFull(f"disk full while writing {what}; the partial write was removed. Free space, then run the "
+                       f"same command again{hint}.") from None
+
+
+def require_free(directory: Path, need: int, what: str, hint: str = "") -> None:
+    """DiskFull (exit 4) before writing `what` when `directory` has less than `need` bytes free."""
+    free = shutil.disk_usage(_existing_parent(Path(directory))).free
+    if free < need:
+        raise DiskFull(f"not enough disk space for {what} in {directory}: need ~{need / 1e6:.1f} MB, "
+                       f"{free / 1e6:.1f} MB free. Free space{hint}.")
+
+
+def remove_stale_temps(directory: Path, pattern: str = ".*.tmp-*") -> None:
+    """Delete temporary files/dirs left in `directory` by writers that are no longer running
+    (never a live process's: its pid is in the name)."""
+    from rewarm.rundir import pid_alive
+
+    if not directory.is_dir():
+        return
+    for p in directory.glob(pattern):
+        pid = p.name.rsplit("-", 1)[-1]
+        if pid.isdigit() and not pid_alive(int(pid)):
+            remove(p)
+
+
 def write_bytes(path: str | Path, data: bytes) -> Path:
     path = Path(path)
     tmp = temp_path(path)
@@ -57,8 +128,8 @@ def write_bytes(path: str | Path, data: bytes) -> Path:
         with open(tmp, "wb") as fh:
             fh.write(data)
         return commit(tmp, path)
-    except BaseException:
-        tmp.unlink(missing_ok=True)
+    except Exception as exc:
+        fail_if_disk_full(exc, tmp, str(path))
         raise
 
 

@@ -19,7 +19,6 @@ import torch
 
 from rewarm import atomic
 from rewarm.errors import DiskFull
-from rewarm.rundir import pid_alive
 from rewarm.state import TrainerState, restore_rng
 
 __all__ = ["DiskFull", "TrainerState", "save", "verify", "load_latest", "load_trainer_state", "prune", "step_of", "restore"]
@@ -59,11 +58,8 @@ def save(root: Path, model: torch.nn.Module, tokenizer, state: TrainerState, sta
     """Write checkpoints/step_N (N = state.step) atomically; returns its path. Checks free space first."""
     step = state.step
     root.mkdir(parents=True, exist_ok=True)
-    need, free = expected_size(model), shutil.disk_usage(root).free
-    if free < need:
-        raise DiskFull(f"not enough disk space for checkpoint step {step} in {root}: need ~{need / 1e6:.1f} MB, "
-                       f"{free / 1e6:.1f} MB free. Free space (or lower checkpoint.keep_last), then --resume; "
-                       f"earlier checkpoints are intact.")
+    atomic.require_free(root, expected_size(model), f"checkpoint step {step}",
+                        " (or lower checkpoint.keep_last), then --resume; earlier checkpoints are intact")
     final = step_dir(root, step)
     tmp = atomic.temp_path(final)
     shutil.rmtree(tmp, ignore_errors=True)
@@ -72,11 +68,9 @@ def save(root: Path, model: torch.nn.Module, tokenizer, state: TrainerState, sta
         if tokenizer is not None:
             tokenizer.save_pretrained(tmp)
         torch.save(state.to_dict(), tmp / TRAINER_STATE)
-    except OSError as exc:
-        shutil.rmtree(tmp, ignore_errors=True)
-        if exc.errno == 28:  # ENOSPC
-            raise DiskFull(f"disk full while writing checkpoint step {step} in {root}; the partial write was removed "
-                           f"and earlier checkpoints are intact. Free space, then --resume.") from None
+    except Exception as exc:  # ENOSPC arrives as OSError, torch's RuntimeError or safetensors' own error
+        atomic.fail_if_disk_full(exc, tmp, f"checkpoint step {step} in {root}",
+                                 " with --resume (earlier checkpoints are intact)")
         raise
     files = sorted(p for p in tmp.iterdir() if p.is_file())
     manifest = {"step": step, "files": {p.name: {"size": p.stat().st_size, "sha256": _sha256(p)} for p in files}}
@@ -141,10 +135,7 @@ def prune(root: Path, keep_last: int, keep_steps: set[int]) -> None:
     removable = [(s, p) for s, p in steps if s not in keep_steps]
     for s, p in removable[: max(len(removable) - keep_last, 0)]:
         shutil.rmtree(p, ignore_errors=True)
-    for p in root.glob(".step_*.tmp-*"):  # interrupted writes, unless their writer is still alive
-        pid = p.name.rsplit("-", 1)[-1]
-        if not (pid.isdigit() and pid_alive(int(pid))):
-            shutil.rmtree(p, ignore_errors=True)
+    atomic.remove_stale_temps(root, ".step_*.tmp-*")  # interrupted writes, never a live writer's
 
 
 def restore(path: Path, state: TrainerState, model: torch.nn.Module, optimizer: torch.optim.Optimizer, d) -> None:

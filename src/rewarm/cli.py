@@ -89,7 +89,13 @@ def _cmd_eval(args: argparse.Namespace) -> int:
     from rewarm.model import load_pretrained
     from rewarm.tokenizer import fingerprint, load_tokenizer
 
+    for flag, value in (("--seq-len", args.seq_len), ("--eval-tokens", args.eval_tokens), ("--batch", args.batch)):
+        if value < 1:
+            raise UserError(f"{flag} must be a positive integer, got {value}.")
     model = load_pretrained(args.checkpoint)
+    max_pos = getattr(model.config, "max_position_embeddings", None)
+    if max_pos is not None and args.seq_len > max_pos:
+        raise UserError(f"--seq-len {args.seq_len} exceeds the model's max positions ({max_pos}). Lower --seq-len.")
     tok = load_tokenizer(args.tokenizer or args.checkpoint)
     sets = []
     for name, path in _parse_named(args.data, "--data"):
@@ -139,7 +145,7 @@ def _cmd_downstream(args: argparse.Namespace) -> int:
     import torch
 
     from rewarm.downstream.harness import require_lm_eval, run_tasks
-    from rewarm.downstream.record import record
+    from rewarm.downstream.record import record, run_context
     from rewarm.downstream.tasks import check_names
     from rewarm.model import load_pretrained
     from rewarm.tokenizer import load_tokenizer
@@ -151,6 +157,7 @@ def _cmd_downstream(args: argparse.Namespace) -> int:
     if args.limit is not None and args.limit < 1:
         raise UserError(f"--limit must be a positive number of samples per task, got {args.limit}.")
     check_names(names)  # a typo or missing data fails before the model is loaded
+    context = run_context(Path(args.model_dir))  # read before scoring: a live run may prune this checkpoint
     model = load_pretrained(args.model_dir)
     tok = load_tokenizer(args.tokenizer or args.model_dir)
     device = torch.device("cuda" if torch.cuda.is_available() and not args.cpu else "cpu")
@@ -158,7 +165,7 @@ def _cmd_downstream(args: argparse.Namespace) -> int:
     settings = {"limit": args.limit, "num_fewshot": args.num_fewshot, "batch": args.batch, "max_length": args.max_length}
     results = run_tasks(model, tok, names, limit=args.limit, num_fewshot=args.num_fewshot, batch_size=args.batch,
                         max_length=args.max_length, samples_out=Path(args.samples) if args.samples else None)
-    out = record(Path(args.model_dir), results, settings, Path(args.output) if args.output else None)
+    out = record(Path(args.model_dir), results, settings, Path(args.output) if args.output else None, context)
     print(format_downstream_table(results))
     print(f"downstream results: {out}")
     return 0

@@ -8,6 +8,7 @@ so a typo never silently falls back to a default.
 from __future__ import annotations
 
 import dataclasses
+import math
 import types
 import typing
 from dataclasses import dataclass, field
@@ -164,6 +165,63 @@ CHOICES = {
     "schedule.decay_shape": ("linear", "1-sqrt", "cosine"),
     "schedule.cooldown_shape": ("cosine", "inv_sqrt"),
 }
+@dataclass(frozen=True)
+class Range:
+    """The valid values of one numeric key: lo <= x <= hi (or < where open); None = unbounded."""
+
+    lo: float | None = None
+    hi: float | None = None
+    lo_open: bool = False
+    hi_open: bool = False
+
+    def __contains__(self, x: float) -> bool:
+        if isinstance(x, float) and not math.isfinite(x):
+            return False
+        if self.lo is not None and (x <= self.lo if self.lo_open else x < self.lo):
+            return False
+        return self.hi is None or (x < self.hi if self.hi_open else x <= self.hi)
+
+    def __str__(self) -> str:
+        if self.hi is None:
+            return f"{'>' if self.lo_open else '>='} {self.lo:g}"
+        return f"in {'(' if self.lo_open else '['}{self.lo:g}, {self.hi:g}{')' if self.hi_open else ']'}"
+
+
+AT_LEAST_0, AT_LEAST_1, FRACTION = Range(0), Range(1), Range(0, 1)
+
+# Every numeric key's valid values, in one place (a test checks that no numeric key is missing).
+RANGES: dict[str, Range] = {
+    "seed": Range(0, 2**32 - 1),
+    "model.vocab_size": AT_LEAST_1,
+    "data.train.weight": AT_LEAST_0,
+    "schedule.max_lr": AT_LEAST_0, "schedule.min_lr": AT_LEAST_0, "schedule.warmup": AT_LEAST_0,
+    "schedule.warmup_start_lr": AT_LEAST_0, "schedule.decay_fraction": FRACTION, "schedule.const_lr": AT_LEAST_0,
+    "schedule.cooldown_fraction": FRACTION, "schedule.constant_fraction": FRACTION,
+    "schedule.timescale": Range(0, lo_open=True), "schedule.num_cycles": AT_LEAST_1,
+    "optimizer.eps": Range(0, lo_open=True), "optimizer.weight_decay": AT_LEAST_0, "optimizer.grad_clip": AT_LEAST_0,
+    "train.seq_len": AT_LEAST_1, "train.global_batch": AT_LEAST_1, "train.micro_batch": AT_LEAST_1,
+    "train.max_steps": AT_LEAST_1, "train.log_interval": AT_LEAST_1, "train.num_threads": AT_LEAST_0,
+    "train.max_bad_steps": AT_LEAST_0, "train.rollback_lr_factor": Range(0, 1, lo_open=True),
+    "eval.interval": AT_LEAST_1, "eval.interval_warmup": AT_LEAST_0, "eval.dense_until": AT_LEAST_0,
+    "eval.tokens": AT_LEAST_1, "eval.batch": AT_LEAST_1,
+    "eval.downstream.every": AT_LEAST_0, "eval.downstream.limit": AT_LEAST_0,
+    "eval.downstream.num_fewshot": AT_LEAST_0, "eval.downstream.batch": AT_LEAST_1,
+    "checkpoint.interval": AT_LEAST_0, "checkpoint.keep_last": AT_LEAST_1,
+}
+
+
+def _check_ranges(cfg: RunConfig) -> None:
+    for key, valid in RANGES.items():
+        head, _, leaf = key.rpartition(".")
+        if head in LIST_ITEM_TYPES:
+            items = [(f"{head}[{i}].{leaf}", getattr(item, leaf)) for i, item in enumerate(_get(cfg, head))]
+        else:
+            items = [(key, _get(cfg, key))]
+        for name, value in items:
+            if value is not None and value not in valid:
+                raise UserError(f"`{name}` must be {valid}, got {value!r}. Fix the value in the YAML file or the --set override.")
+
+
 LIST_ITEM_TYPES = {"data.train": SourceConfig, "data.eval": EvalSetConfig}
 
 
@@ -280,6 +338,34 @@ def apply_overrides(raw: dict, overrides: list[str]) -> dict:
     return raw
 
 
+class _UniqueKeyLoader(yaml.SafeLoader):
+    """safe_load that refuses a key given twice in one mapping (YAML would keep the last silently)."""
+
+
+def _unique_mapping(loader: yaml.SafeLoader, node: yaml.MappingNode, deep: bool = False) -> dict:
+    seen: dict = {}
+    for key_node, _ in node.value:
+        key = loader.construct_object(key_node, deep=deep)
+        if key in seen:
+            raise UserError(f"`{key}` is given twice in the same mapping (lines {seen[key] + 1} and "
+                            f"{key_node.start_mark.line + 1}); YAML would silently keep only the second. Merge them.")
+        seen[key] = key_node.start_mark.line
+    return loader.construct_mapping(node, deep=deep)
+
+
+_UniqueKeyLoader.add_constructor(yaml.resolver.BaseResolver.DEFAULT_MAPPING_TAG, _unique_mapping)
+
+
+def read_yaml(path: Path) -> Any:
+    """A YAML file as Python values (safe: no arbitrary objects), refusing duplicate keys."""
+    try:
+        return yaml.load(path.read_text(encoding="utf-8"), Loader=_UniqueKeyLoader)
+    except yaml.YAMLError as exc:
+        raise UserError(f"{path} is not valid YAML: {exc}") from None
+    except UserError as exc:
+        raise UserError(f"{path}: {exc}") from None
+
+
 def load_config(path: str | Path | None, overrides: list[str] | None = None) -> RunConfig:
     """Read YAML (or start empty), apply `--set` overrides, validate, return a RunConfig."""
     raw: dict = {}
@@ -287,10 +373,7 @@ def load_config(path: str | Path | None, overrides: list[str] | None = None) -> 
         p = Path(path)
         if not p.is_file():
             raise UserError(f"config file {p} does not exist. Pass the path to a YAML run config.")
-        try:
-            raw = yaml.safe_load(p.read_text(encoding="utf-8")) or {}
-        except yaml.YAMLError as exc:
-            raise UserError(f"config file {p} is not valid YAML: {exc}") from None
+        raw = read_yaml(p) or {}
         if not isinstance(raw, dict):
             raise UserError(f"config file {p} must hold a mapping of keys at the top level.")
     raw = apply_overrides(raw, overrides or [])
@@ -331,25 +414,6 @@ def check_batch(t: TrainConfig, world: int) -> None:
         )
 
 
-# Every interval and count: (key, lowest allowed value, what it means). 0 where 0 means "off".
-COUNT_LIMITS = [
-    ("train.log_interval", 1, "write a train line every N steps"),
-    ("train.num_threads", 0, "0 keeps torch's default"),
-    ("train.max_bad_steps", 0, "non-finite steps in a row tolerated"),
-    ("eval.interval", 1, "evaluate every N steps"),
-    ("eval.interval_warmup", 0, "0 = the same as eval.interval"),
-    ("eval.tokens", 1, "held-out tokens per eval set"),
-    ("eval.batch", 1, "sequences per eval forward"),
-    ("eval.downstream.every", 0, "0 = step 0 and the end only"),
-    ("eval.downstream.limit", 0, "0 = every sample"),
-    ("eval.downstream.num_fewshot", 0, "few-shot examples per prompt"),
-    ("eval.downstream.batch", 1, "lm-eval batch size"),
-    ("checkpoint.interval", 0, "0 = only at the end"),
-    ("checkpoint.keep_last", 1, "the newest checkpoint is what a resume uses"),
-    ("schedule.num_cycles", 1, "repeated_cosine cycles"),
-]
-
-
 def _get(cfg: Any, dotted: str) -> Any:
     for part in dotted.split("."):
         cfg = getattr(cfg, part)
@@ -359,22 +423,19 @@ def _get(cfg: Any, dotted: str) -> Any:
 def validate(cfg: RunConfig) -> None:
     """Checks that need more than one key; each message says how to fix it."""
     t, s = cfg.train, cfg.schedule
-    for key in ("seq_len", "global_batch", "micro_batch", "max_steps"):
-        if getattr(t, key) <= 0:
-            raise UserError(f"`train.{key}` must be a positive integer, got {getattr(t, key)}.")
+    _check_ranges(cfg)
+    if not cfg.out_dir.strip():
+        raise UserError("`out_dir` is empty (an unset shell variable?): name the run directory, e.g. runs/my-run. "
+                        "rewarm never writes a run into the current directory by accident.")
     check_batch(t, world=1)
-    if s.max_lr < 0 or s.min_lr < 0 or s.warmup_start_lr < 0:
-        raise UserError("learning rates must be >= 0 (`schedule.max_lr`, `min_lr`, `warmup_start_lr`).")
     if s.min_lr > s.max_lr:
         raise UserError(
             f"`schedule.min_lr` ({s.min_lr}) is larger than `schedule.max_lr` ({s.max_lr}). "
             f"Set min_lr <= max_lr (the papers use min_lr = 0.1 x max_lr)."
         )
-    if s.warmup < 0:
-        raise UserError(f"`schedule.warmup` must be >= 0, got {s.warmup}.")
-    if s.name != "constant" and warmup_steps(s.warmup, t.max_steps) >= t.max_steps:
+    if warmup_steps(s.warmup, t.max_steps) >= t.max_steps:
         raise UserError(
-            f"`schedule.warmup` ({s.warmup}) covers all {t.max_steps} steps, leaving nothing to decay. "
+            f"`schedule.warmup` ({s.warmup}) covers all {t.max_steps} steps, leaving none at the schedule's own LR. "
             f"Use a fraction < 1 of the steps or a smaller step count."
         )
     if not cfg.data.train and cfg.init != "resume":
@@ -383,8 +444,8 @@ def validate(cfg: RunConfig) -> None:
     if len(set(names)) != len(names):
         raise UserError(f"`data.train` source names must be unique, got {names}.")
     weights = [src.weight for src in cfg.data.train]
-    if any(w < 0 for w in weights) or (weights and sum(weights) <= 0):
-        raise UserError(f"`data.train` weights must be >= 0 and sum to > 0, got {weights}.")
+    if weights and sum(weights) <= 0:
+        raise UserError(f"`data.train` weights must sum to > 0, got {weights}.")
     eval_names = [e.name for e in cfg.data.eval]
     if len(set(eval_names)) != len(eval_names) or any(not n for n in eval_names):
         raise UserError(f"`data.eval` sets need unique, non-empty names, got {eval_names}.")
@@ -392,18 +453,16 @@ def validate(cfg: RunConfig) -> None:
         raise UserError("`init: scratch` needs `model.preset` (e.g. tiny) or `model.path` (an HF config to copy).")
     if cfg.init == "weights" and not cfg.model.path:
         raise UserError("`init: weights` needs `model.path`: an HF model dir, a rewarm checkpoint, or a hub id.")
-    for key, lowest, meaning in COUNT_LIMITS:
-        value = _get(cfg, key)
-        if value < lowest:
-            raise UserError(f"`{key}` must be >= {lowest}, got {value}: {meaning}.")
-    if not 0 < t.rollback_lr_factor <= 1:
-        raise UserError(f"`train.rollback_lr_factor` must be in (0, 1], got {t.rollback_lr_factor}: "
-                        f"each rollback multiplies the LR by it.")
-    if cfg.eval.dense_until < 0:
-        raise UserError(f"`eval.dense_until` must be >= 0, got {cfg.eval.dense_until}.")
+    o = cfg.optimizer
+    if len(o.betas) != 2 or not all(isinstance(b, (int, float)) and not isinstance(b, bool) and b in Range(0, 1, hi_open=True)
+                                    for b in o.betas):
+        raise UserError(f"`optimizer.betas` must be two numbers in [0, 1), e.g. [0.9, 0.95]; got {o.betas!r}.")
     bad_steps = [k for k in cfg.checkpoint.keep_steps if not isinstance(k, int) or isinstance(k, bool) or k < 0]
     if bad_steps:
         raise UserError(f"`checkpoint.keep_steps` must be a list of step numbers >= 0, got {cfg.checkpoint.keep_steps}.")
+    if s.cooldown_fraction > s.constant_fraction:
+        raise UserError(f"`schedule.cooldown_fraction` ({s.cooldown_fraction}) must not exceed `schedule.constant_fraction` "
+                        f"({s.constant_fraction}): the infinite schedule cools down first, then holds, then anneals.")
     ds = cfg.eval.downstream
     if any(not isinstance(t, str) or not t for t in ds.tasks):
         raise UserError(f"`eval.downstream.tasks` must be a list of task names, e.g. [hellaswag, arc_easy]; got {ds.tasks}.")

@@ -118,7 +118,9 @@ def load_pretrained(path: str, revision: str | None = None, overrides: dict | No
             path, config=config, revision=revision, dtype=torch.float32, use_safetensors=True,
             trust_remote_code=trust_remote_code,
         )
-    except (OSError, ValueError) as exc:
+    except Exception as exc:  # OSError, ValueError, safetensors' SafetensorError (truncated or not safetensors)
+        if not isinstance(exc, (OSError, ValueError)) and "Safetensor" not in type(exc).__name__:
+            raise
         raise UserError(
             f"could not load model weights from `{path}`"
             f"{' revision ' + revision if revision else ''}: {str(exc).splitlines()[0]}. "
@@ -133,12 +135,15 @@ def save_model(model: torch.nn.Module, out_dir: str | Path, tokenizer=None, stat
     out = Path(out_dir)
     tmp = atomic.temp_path(out)
     shutil.rmtree(tmp, ignore_errors=True)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    weights = sum(p.numel() * p.element_size() for p in model.parameters())
+    atomic.require_free(out.parent, int(weights * 1.1), f"the model {out.name}/")
     try:
         model.save_pretrained(tmp, safe_serialization=True, state_dict=state_dict)
         if tokenizer is not None:
             tokenizer.save_pretrained(tmp)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
+    except Exception as exc:
+        atomic.fail_if_disk_full(exc, tmp, f"the model {out}")
         raise
     return atomic.commit(tmp, out)
 

@@ -9,7 +9,7 @@ from pathlib import Path
 from typing import Any, Iterator
 
 from rewarm import atomic
-from rewarm.errors import UserError
+from rewarm.errors import DiskFull, UserError
 
 log = logging.getLogger(__name__)
 
@@ -25,12 +25,23 @@ class RunDir:
         self.final = self.path / "final"
         self.summary = self.path / "summary.json"
         self.lock = self.path / ".lock"
+        self.marker = self.path / ".rewarm-run"
 
     def __repr__(self) -> str:
         return f"RunDir({str(self.path)!r})"
 
     def has_started(self) -> bool:
         return self.metrics.exists() or self.checkpoints.exists()
+
+    def is_run(self) -> bool:
+        """A directory rewarm made (its marker, or a metrics log that opens with a start event)."""
+        if self.marker.is_file():
+            return True
+        first = next(iter_metrics(self.metrics), None)
+        return bool(first and first.get("event") == "start")
+
+    def is_finished(self) -> bool:
+        return self.summary.is_file()
 
     def acquire_lock(self) -> None:
         """One process per run directory, for the life of the run: an exclusive `flock` on `.lock`
@@ -148,8 +159,13 @@ class MetricsWriter:
 
     def write(self, event: dict[str, Any]) -> None:
         if self._fh:
-            self._fh.write(json.dumps(event) + "\n")
-            self._fh.flush()
+            try:
+                self._fh.write(json.dumps(event) + "\n")
+                self._fh.flush()
+            except OSError as exc:
+                if atomic.is_disk_full(exc):  # a torn last line is ignored by readers; the checkpoints are intact
+                    raise DiskFull(f"disk full while appending to {self.path}. Free space, then --resume.") from None
+                raise
 
     def close(self) -> None:
         if self._fh:

@@ -19,7 +19,7 @@ import torch
 import yaml
 
 from rewarm import atomic, checkpoint, distributed
-from rewarm.config import RunConfig, check_batch, config_from_dict, dump_yaml, to_dict
+from rewarm.config import RunConfig, check_batch, config_from_dict, dump_yaml, read_yaml, to_dict
 from rewarm.data.mixture import Mixture, Source
 from rewarm.data.shards import TokenShards
 from rewarm.distributed import Dist
@@ -45,6 +45,7 @@ class RunState:
     """What the loop works with; `state` holds the counters that checkpoints save."""
 
     cfg: RunConfig
+    start_mode: str  # scratch | weights: how the run began (a resumed run keeps it)
     model: torch.nn.Module  # what the loop calls: wrapped for DDP/FSDP
     raw_model: torch.nn.Module  # the HF module (for save_pretrained, config)
     dist: Dist
@@ -155,27 +156,49 @@ def start_run(cfg: RunConfig, run: RunDir, d: Dist, *, overwrite: bool = False, 
 
     resume_from: Path | None = None
     resume_state = TrainerState()
+    start_mode = cfg.init
     if cfg.init == "resume":
+        saved = read_yaml(run.config) if run.config.is_file() else None
+        if saved is not None and not isinstance(saved, dict):
+            raise UserError(f"{run.config} is not a run config (not a mapping): this is not a run to resume.")
+        if saved is not None:
+            _check_drift(saved, to_dict(cfg), allow_config_change, device)
+            start_mode = saved.get("init", start_mode)
         found = checkpoint.load_latest(run.checkpoints)
-        if found is None:
+        if found is None and saved is None:
             raise UserError(
-                f"`init: resume` but {run.checkpoints} holds no intact checkpoint. "
+                f"`init: resume` but {run.path} holds no run to resume (no config.yaml, no intact checkpoint). "
                 f"Start the run with `init: scratch` or `init: weights` instead."
             )
-        resume_from, resume_state = found
-        if run.config.exists():
-            _check_drift(yaml.safe_load(run.config.read_text()), to_dict(cfg), allow_config_change, device)
-    elif run.has_started() and d.is_main:
+        if found is None:  # killed before its first checkpoint: the one way forward is to start it again
+            log.warning("%s stopped before its first checkpoint: nothing to resume, starting it again from step 0 "
+                        "(init: %s)", run.path, start_mode)
+            cfg = dataclasses.replace(cfg, init=start_mode)
+            overwrite = True
+        else:
+            resume_from, resume_state = found
+    if d.is_main:  # interrupted writes of dead processes (a live writer's temp names carry its pid)
+        atomic.remove_stale_temps(run.path)
+        atomic.remove_stale_temps(run.checkpoints, ".step_*.tmp-*")
+    if not resume_from and run.has_started() and d.is_main:
         if not overwrite:
             raise UserError(
                 f"run directory {run.path} already holds a run. Resume it with `--resume` (init: resume), "
                 f"pick another `out_dir`, or pass --overwrite to start again from nothing."
             )
+        if not run.is_run():
+            raise UserError(f"--overwrite would delete checkpoints/, final/ and metrics in {run.path}, which is not a "
+                            f"run directory rewarm made (no {run.marker.name}). Choose another `out_dir`.")
         for p in (run.metrics, run.summary):
             p.unlink(missing_ok=True)
         for p in (run.checkpoints, run.final):
             shutil.rmtree(p, ignore_errors=True)
 
+    if cfg.init == "weights" and (Path(cfg.model.path) / checkpoint.MANIFEST).is_file():
+        problem = checkpoint.verify(Path(cfg.model.path))  # a rewarm checkpoint: trust it only whole
+        if problem:
+            raise UserError(f"`model.path` {cfg.model.path} is a rewarm checkpoint that does not verify: {problem}. "
+                            f"Start from another checkpoint of that run (or its final/).")
     if cfg.eval.downstream.tasks:
         _check_downstream(cfg, d)
 
@@ -251,6 +274,7 @@ def start_run(cfg: RunConfig, run: RunDir, d: Dist, *, overwrite: bool = False, 
         config_text = dump_yaml(cfg)
         config_from_dict(yaml.safe_load(config_text))  # the saved file must load back as it is
         atomic.write_text(run.config, config_text)
+        atomic.write_text(run.marker, "a rewarm run directory: --overwrite may delete what rewarm wrote here\n")
 
     n_params = count_params(raw_model)
     start_info = {
@@ -267,6 +291,6 @@ def start_run(cfg: RunConfig, run: RunDir, d: Dist, *, overwrite: bool = False, 
     log.info("%s: %s params, %d steps x %d tokens, lr %s from step %d", run.path, f"{n_params:,}",
              cfg.train.max_steps, start_info["tokens_per_step"], cfg.schedule.name, state.step)
     d.barrier()
-    return RunState(cfg=cfg, model=model, raw_model=raw_model, dist=d, optimizer=opt, tokenizer=tokenizer, mixture=mixture,
+    return RunState(cfg=cfg, start_mode=start_mode, model=model, raw_model=raw_model, dist=d, optimizer=opt, tokenizer=tokenizer, mixture=mixture,
                     eval_sets=eval_sets, schedule=build_schedule(cfg.schedule, cfg.train.max_steps),
                     device=device, start_info=start_info, precision=precision, state=state)

@@ -22,11 +22,10 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-import yaml
 from tqdm import tqdm
 
 from rewarm import atomic
-from rewarm.config import config_from_dict, dump_yaml, set_dotted
+from rewarm.config import config_from_dict, dump_yaml, read_yaml, set_dotted
 from rewarm.errors import UserError
 from rewarm.rundir import RunDir
 
@@ -65,13 +64,17 @@ def load_sweep(path: str | Path) -> dict:
     p = Path(path)
     if not p.is_file():
         raise UserError(f"sweep file {p} does not exist.")
-    spec = yaml.safe_load(p.read_text()) or {}
+    spec = read_yaml(p) or {}
+    if not isinstance(spec, dict):
+        raise UserError(f"sweep file {p} must hold a mapping (name, out_dir, base, axes, runs).")
     unknown = set(spec) - {"name", "out_dir", "base", "axes", "runs"}
     if unknown:
         raise UserError(f"sweep file {p}: unknown top-level keys {sorted(unknown)}; valid: name, out_dir, base, axes, runs.")
     if isinstance(spec.get("base"), str):
         base_path = (p.parent / spec["base"]) if not Path(spec["base"]).is_absolute() else Path(spec["base"])
-        spec["base"] = yaml.safe_load(base_path.read_text())
+        if not base_path.is_file():
+            raise UserError(f"sweep file {p}: base config {base_path} does not exist.")
+        spec["base"] = read_yaml(base_path)
     spec.setdefault("out_dir", f"runs/{spec.get('name', p.stem)}")
     return spec
 

@@ -45,8 +45,10 @@ def train_tokenizer(texts: Iterable[str], vocab_size: int, out_dir: str | Path, 
     )
     seen = {"n": 0}
 
+    from rewarm.data.sources import texts as as_texts
+
     def counted() -> Iterator[str]:
-        for t in texts:
+        for t in as_texts(texts):
             seen["n"] += 1
             yield t
 

@@ -35,7 +35,11 @@ def train(cfg: RunConfig, *, overwrite: bool = False, allow_config_change: bool 
     """Run (or resume) the job described by `cfg`; returns its run directory.
     Under torchrun every rank calls this; only rank 0 writes to the run directory."""
     run = RunDir(cfg.out_dir)
+    if cfg.init == "resume" and run.is_finished():
+        log.warning("%s already finished (summary.json is there): nothing to resume, nothing changed", run.path)
+        return run
     d = distributed.setup(_device_kind(cfg.train.device))
+    created = not run.path.exists()
     if d.is_main:
         run.acquire_lock()
     threads = torch.get_num_threads()
@@ -44,7 +48,7 @@ def train(cfg: RunConfig, *, overwrite: bool = False, allow_config_change: bool 
             st = start_run(cfg, run, d, overwrite=overwrite, allow_config_change=allow_config_change)
             metrics = MetricsWriter(run.metrics, enabled=d.is_main)
             try:
-                _loop(cfg, run, st, metrics, stop, progress and d.is_main)
+                _loop(st.cfg, run, st, metrics, stop, progress and d.is_main)
                 _finish(run, st, metrics)
             finally:
                 metrics.close()
@@ -52,6 +56,8 @@ def train(cfg: RunConfig, *, overwrite: bool = False, allow_config_change: bool 
         torch.set_num_threads(threads)  # train.num_threads holds for this run only
         if d.is_main:
             run.release_lock()
+            if created and run.path.is_dir() and not any(run.path.iterdir()):
+                run.path.rmdir()  # refused before anything was written: leave no empty run directory behind
         distributed.teardown()
     return run
 
@@ -281,7 +287,7 @@ def _finish(run: RunDir, st: RunState, metrics: MetricsWriter) -> None:
     save_model(st.raw_model, run.final, st.tokenizer, state_dict=model_sd)
     evals = [(e["step"], e["sets"]) for e in run.read_metrics() if e.get("event") == "eval"]
     summary: dict[str, Any] = {
-        "status": "completed", "steps": t.max_steps, "tokens": t.max_steps * st.tokens_per_step, "init": st.cfg.init,
+        "status": "completed", "steps": t.max_steps, "tokens": t.max_steps * st.tokens_per_step, "init": st.start_mode,
         "final": {}, "initial": {}, "best": {}, "bad_steps": st.state.bad_steps, "final_dir": str(run.final),
     }
     for name in (evals[-1][1] if evals else {}):

@@ -17,21 +17,20 @@ import os
 import shutil
 import time
 from pathlib import Path
-from typing import Iterable, Iterator
+from typing import Iterator
 
 import numpy as np
 from tqdm import tqdm
 
 from rewarm import atomic
-from rewarm.data.sources import ReadStats, expand_inputs, file_documents, hf_dataset_documents
+from rewarm.data.sources import LargeTextFile, ReadStats, cut_piece, expand_inputs, file_documents, hf_dataset_documents
 from rewarm.errors import UserError
 from rewarm.tokenizer import fingerprint, load_tokenizer
 
 log = logging.getLogger(__name__)
 
 FORMAT_VERSION = 1
-BATCH_CHARS = 1_000_000  # text per tokenizer call: bounds memory whatever the corpus size
-PIECE_CHARS = 500_000  # longer documents are tokenized in newline-aligned pieces
+BATCH_CHARS = 1_000_000  # text per tokenizer call: bounds memory whatever the corpus or document size
 COPY_TOKENS = 8_000_000  # tokens copied per step of pass 2
 
 
@@ -39,36 +38,15 @@ def token_dtype(vocab_size: int) -> np.dtype:
     return np.dtype(np.uint16) if vocab_size <= 65536 else np.dtype(np.uint32)
 
 
-def _split_key(seed: int, text: str) -> int:
-    digest = hashlib.blake2b(text.encode("utf-8"), digest_size=8, key=str(seed).encode()).digest()
-    return int.from_bytes(digest, "little")
-
-
-def _pieces(text: str) -> list[str]:
-    """Cut very long documents at newlines so one tokenizer call stays small."""
-    if len(text) <= PIECE_CHARS:
-        return [text]
-    out, start = [], 0
-    while start < len(text):
-        end = min(start + PIECE_CHARS, len(text))
-        if end < len(text):
-            nl = text.rfind("\n", start, end)
-            end = nl + 1 if nl > start else end
-        out.append(text[start:end])
-        start = end
-    return out
-
-
-def _batches(docs: Iterable[str]) -> Iterator[list[str]]:
-    batch, size = [], 0
-    for doc in docs:
-        batch.append(doc)
-        size += len(doc)
-        if size >= BATCH_CHARS:
-            yield batch
-            batch, size = [], 0
-    if batch:
-        yield batch
+def _doc_pieces(doc: "str | LargeTextFile") -> Iterator[str]:
+    """A document as pieces of at most PIECE_CHARS, cut at newlines, so one tokenizer call stays small."""
+    if isinstance(doc, LargeTextFile):
+        yield from doc.pieces()
+        return
+    rest = doc
+    while rest:
+        piece, rest = cut_piece(rest)
+        yield piece
 
 
 def _input_signature(files: list[Path], hf_dataset: str | None) -> list:
@@ -103,6 +81,11 @@ def prepare(
             raise UserError(f"--val-tokens must be >= 0, got {val_tokens}.")
     elif val_fraction is None or not 0 <= val_fraction < 1:
         raise UserError(f"--val-fraction must be in [0, 1), got {val_fraction}.")
+    if out.exists() and not out.is_dir():
+        raise UserError(f"output {out} is a file, not a directory. Choose a directory for -o.")
+    if out.is_dir() and overwrite and any(out.iterdir()) and _read_meta(out / "meta.json") is None:
+        raise UserError(f"--overwrite would delete {out}, which is not a directory written by `rewarm prepare` "
+                        f"(no valid meta.json). Choose another -o, or empty it yourself.")
     tok = load_tokenizer(tokenizer)
     files = expand_inputs(inputs) if inputs else []
     if inputs and not files and not hf_dataset:
@@ -122,9 +105,10 @@ def prepare(
     args_key = hashlib.sha256(json.dumps(settings, sort_keys=True).encode()).hexdigest()[:16]
     meta_path = out / "meta.json"
     if out.exists() and not overwrite:
-        if meta_path.exists() and json.loads(meta_path.read_text()).get("args_key") == args_key:
+        existing = _read_meta(meta_path)
+        if existing is not None and existing.get("args_key") == args_key:
             log.info("%s is already prepared with these arguments; nothing to do (--overwrite to redo)", out)
-            return json.loads(meta_path.read_text())
+            return existing
         raise UserError(f"{out} already exists (prepared from other arguments). Pass --overwrite to replace it, or choose another output directory.")
 
     out.parent.mkdir(parents=True, exist_ok=True)
@@ -167,6 +151,9 @@ def prepare(
         }
         (tmp / "meta.json").write_text(json.dumps(meta, indent=2))
         atomic.commit(tmp, out)
+    except Exception as exc:  # a full disk surfaces as OSError or numpy's own errors
+        atomic.fail_if_disk_full(exc, tmp, f"the shards {out}")
+        raise
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
     skipped = {k: v for k, v in meta["skipped"].items() if v}
@@ -176,40 +163,71 @@ def prepare(
 
 
 
+def _read_meta(path: Path) -> dict | None:
+    """An existing output's meta.json, or None if it is missing or not a valid one."""
+    try:
+        meta = json.loads(path.read_text())
+    except (OSError, ValueError):
+        return None
+    return meta if isinstance(meta, dict) and "format_version" in meta else None
+
+
 def _tokenize_all(docs, tok, dtype, tmp: Path, seed: int, stats: ReadStats, progress: bool, total_bytes: int):
-    """Pass 1: ids of every document (+EOS) into all.tmp; index rows (key, start, length) into index.tmp."""
+    """Pass 1: ids of every document (+EOS) into all.tmp; index rows (key, start, length) into index.tmp.
+
+    Pieces of documents (a long document is several) are queued until BATCH_CHARS characters, then
+    encoded in one call and written at once: memory is bounded by the batch, not by any document."""
     eos = tok.eos_token_id
     backend = tok.backend_tokenizer
     # encode_batch_fast skips character offsets: faster and far smaller per token
     encode = getattr(backend, "encode_batch_fast", backend.encode_batch)
-    n_tokens, max_id = 0, -1
+    counts = {"tokens": 0, "max_id": -1, "doc_start": 0}
     bar = tqdm(total=total_bytes or None, unit="B", unit_scale=True, desc="tokenizing", disable=not progress)
+    queue: list[tuple[str, int | None]] = []  # (piece, split key if it is its document's last piece)
+
+    def flush(out_ids, out_idx) -> None:
+        encodings = encode([piece for piece, _ in queue], add_special_tokens=False)
+        ids_out, rows = [], []
+        for (piece, key), enc in zip(queue, encodings):
+            ids = np.asarray(enc.ids, dtype=np.int64)
+            if key is not None:
+                ids = np.append(ids, eos)
+            ids_out.append(ids)
+            counts["tokens"] += len(ids)
+            if key is not None:
+                start = counts["doc_start"]
+                rows.append((key >> 1, start, counts["tokens"] - start))  # >>1 keeps the key in int64
+                counts["doc_start"] = counts["tokens"]
+        ids = np.concatenate(ids_out)
+        if len(ids):
+            counts["max_id"] = max(counts["max_id"], int(ids.max()))
+        out_ids.write(ids.astype(dtype).tobytes())
+        if rows:
+            out_idx.write(np.asarray(rows, dtype=np.int64).tobytes())
+        bar.update(sum(len(p.encode("utf-8")) for p, _ in queue) if total_bytes else len(rows))
+        bar.set_postfix(tokens=counts["tokens"])
+        queue.clear()
+
     with open(tmp / "all.tmp", "wb") as out_ids, open(tmp / "index.tmp", "wb") as out_idx:
-        for batch in _batches(docs):
-            pieces, owner = [], []
-            for i, doc in enumerate(batch):
-                for piece in _pieces(doc):
-                    pieces.append(piece)
-                    owner.append(i)
-            encodings = encode(pieces, add_special_tokens=False)
-            per_doc: list[list[np.ndarray]] = [[] for _ in batch]
-            for i, enc in zip(owner, encodings):
-                per_doc[i].append(np.asarray(enc.ids, dtype=np.int64))
-            index = np.zeros((len(batch), 3), dtype=np.int64)
-            chunks = []
-            for i, (doc, parts) in enumerate(zip(batch, per_doc)):
-                ids = np.concatenate(parts + [np.array([eos], dtype=np.int64)])
-                index[i] = (_split_key(seed, doc) >> 1, n_tokens, len(ids))  # >>1 keeps it in int64
-                n_tokens += len(ids)
-                chunks.append(ids)
-            ids = np.concatenate(chunks)
-            max_id = max(max_id, int(ids.max()))
-            out_ids.write(ids.astype(dtype).tobytes())
-            out_idx.write(index.tobytes())
-            bar.update(sum(len(d.encode("utf-8")) for d in batch) if total_bytes else len(batch))
-            bar.set_postfix(tokens=n_tokens)
+        chars = 0
+        for doc in docs:
+            hasher = hashlib.blake2b(digest_size=8, key=str(seed).encode())
+            pieces = _doc_pieces(doc)
+            piece = next(pieces, None)
+            while piece is not None:
+                hasher.update(piece.encode("utf-8"))
+                following = next(pieces, None)
+                key = int.from_bytes(hasher.digest(), "little") if following is None else None
+                queue.append((piece, key))
+                chars += len(piece)
+                if chars >= BATCH_CHARS:
+                    flush(out_ids, out_idx)
+                    chars = 0
+                piece = following
+        if queue:
+            flush(out_ids, out_idx)
     bar.close()
-    return n_tokens, max_id
+    return counts["tokens"], counts["max_id"]
 
 
 def _split(tmp: Path, dtype: np.dtype, seed: int, val_fraction: float | None, val_tokens: int | None) -> dict:

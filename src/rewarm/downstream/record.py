@@ -32,12 +32,20 @@ def event(step: int, tokens: int, tasks: dict[str, Any], settings: dict[str, Any
     return {"event": "downstream", "step": step, "tokens": tokens, "source": source, **settings, "tasks": tasks}
 
 
-def record(model_dir: Path, results: dict[str, Any], settings: dict[str, Any], out: Path | None = None) -> Path:
+def record(model_dir: Path, results: dict[str, Any], settings: dict[str, Any], out: Path | None = None,
+           ctx: tuple[RunDir, int, int] | None = None) -> Path:
     """Write `out` (default MODEL_DIR/downstream.json) atomically; add the event to the run's log if
-    the model belongs to a run that is not training right now (a live run owns its log)."""
-    ctx = run_context(model_dir)
+    the model belongs to a run that is not training right now (a live run owns its log).
+    `ctx` is `run_context(model_dir)` taken before scoring: a live run may prune the checkpoint
+    meanwhile, and then the results go to the run directory instead of being lost."""
     step, tokens = (ctx[1], ctx[2]) if ctx else (None, None)
-    out = Path(out) if out else Path(model_dir) / "downstream.json"
+    if out:
+        out = Path(out)
+    elif Path(model_dir).is_dir() or ctx is None:
+        out = Path(model_dir) / "downstream.json"
+    else:
+        out = ctx[0].path / f"downstream_step_{step:06d}.json"
+        log.warning("%s was deleted while it was scored (pruned by its run); results go to %s", model_dir, out)
     doc = {"model": str(model_dir), "step": step, "tokens": tokens, **settings, "tasks": results}
     out.parent.mkdir(parents=True, exist_ok=True)
     atomic.write_json(out, doc)
