@@ -288,10 +288,10 @@ def section_prepare_one_document(tmp, tok_dir, quick):
             doc = Path(tmp) / f"one_{mb}_{shape.replace(' ', '_')}.txt"
             block = text if shape == "many lines" else text.replace("\n", " ")
             with open(doc, "w", encoding="utf-8") as fh:
-                written = 0
-                while written < mb << 20:
-                    fh.write(block)
-                    written += len(block)
+                left = mb << 20  # characters (the text is nearly all ASCII: ~bytes)
+                while left > 0:
+                    fh.write(block[:left])
+                    left -= len(block)
             out = subprocess.run([sys.executable, "-c", PREP_CHILD, str(tok_dir), str(Path(tmp) / "one_out"), str(doc)],
                                  capture_output=True, text=True, check=True).stdout.split()
             n, dt, rss = int(out[0]), float(out[1]), int(out[2])

@@ -252,19 +252,14 @@ def _split(tmp: Path, dtype: np.dtype, seed: int, val_fraction: float | None, va
     all_ids = np.memmap(tmp / "all.tmp", dtype=dtype, mode="r") if starts.size and lengths.sum() else np.zeros(0, dtype)
     counts = {}
     with open(tmp / "train.bin", "wb") as f_train, open(tmp / "val.bin", "wb") as f_val:
-        doc = 0
-        while doc < len(keys):
-            end = doc
-            budget = 0
-            while end < len(keys) and (budget < COPY_TOKENS or end == doc):
-                budget += lengths[end]
-                end += 1
-            lo, hi = starts[doc], starts[end - 1] + lengths[end - 1]
-            mask = np.repeat(is_val[doc:end], lengths[doc:end])
-            chunk = np.asarray(all_ids[lo:hi])
-            f_val.write(chunk[mask].tobytes())
-            f_train.write(chunk[~mask].tobytes())
-            doc = end
+        # consecutive documents bound for the same file are one contiguous range of all.tmp: copy each
+        # range in blocks of COPY_TOKENS, so memory stays flat however long one document is
+        bounds = np.concatenate([[0], np.flatnonzero(np.diff(is_val.astype(np.int8))) + 1, [len(keys)]])
+        for first, stop in zip(bounds[:-1], bounds[1:]):
+            out = f_val if is_val[first] else f_train
+            lo, hi = int(starts[first]), int(starts[stop - 1] + lengths[stop - 1])
+            for pos in range(lo, hi, COPY_TOKENS):
+                out.write(np.asarray(all_ids[pos : min(pos + COPY_TOKENS, hi)]).tobytes())
     for name, sel in (("train", ~is_val), ("val", is_val)):
         counts[name] = {"tokens": int(lengths[sel].sum()), "documents": int(sel.sum())}
     del all_ids
