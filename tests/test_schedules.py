@@ -99,7 +99,8 @@ def test_repeated_cosine_rewarms_each_cycle():
     lr = build_schedule(S(name="repeated_cosine", max_lr=1.0, min_lr=0.1, warmup=0.1, num_cycles=2), 200)
     assert lr(0) == 0.0 and lr(10) == pytest.approx(1.0)
     assert lr(99) < 0.2
-    assert lr(100) == 0.0 and lr(110) == pytest.approx(1.0)
+    # the second cycle re-warms from min_lr (where the first ended), linearly: 0.1 + 0.9 * 5/10 halfway
+    assert lr(100) == pytest.approx(0.1) and lr(105) == pytest.approx(0.55) and lr(110) == pytest.approx(1.0)
     assert lr(200) == pytest.approx(0.1)
 
 

@@ -54,9 +54,10 @@ def test_final_loads_in_plain_transformers_with_the_logged_eval_loss(finished_ru
     for name in ("upstream", "downstream"):
         val = np.fromfile(f"{cfg.data.eval[0].path if name == 'upstream' else cfg.data.eval[1].path}/val.bin", dtype=np.uint16)
         L, n = cfg.train.seq_len, cfg.eval.tokens // cfg.train.seq_len
+        W = (len(val) - 1) // L  # non-overlapping windows in the split; n of them, evenly spaced
         losses = []
         with torch.no_grad():
-            for i in range(n):
+            for i in (k * W // n for k in range(n)):
                 w = torch.tensor(val[i * L : i * L + L + 1].astype(np.int64))[None]
                 logits = model(input_ids=w[:, :-1]).logits
                 losses.append(F.cross_entropy(logits[0], w[0, 1:], reduction="sum").item())
@@ -138,3 +139,29 @@ def test_compiled_body_trains_like_eager(tmp_path, shards, finished_run):
     assert [e["step"] for e in compiled] == [e["step"] for e in eager]
     for a, b in zip(compiled, eager):
         assert a["loss"] == pytest.approx(b["loss"], rel=1e-4), a["step"]
+
+
+def test_eval_windows_are_spread_over_the_whole_val_split(tmp_path, tokenizer_dir):
+    """Not the first N tokens (one document of one source): n windows evenly over all W of the split."""
+    from conftest import code_files
+    from rewarm.data.prepare import prepare
+    from rewarm.evaluate import EvalSet
+
+    docs = tmp_path / "docs"
+    docs.mkdir()
+    text = "".join(f.read_text() for f in code_files(120_000))
+    for i in range(60):  # 60 documents of ~2k characters
+        (docs / f"{i:02d}.py").write_text(text[i * 2000 : (i + 1) * 2000])
+    prepare([str(docs)], str(tokenizer_dir), tmp_path / "sh", val_fraction=0.5, progress=False)
+    sh = TokenShards(tmp_path / "sh")
+    val = np.asarray(sh.split("val"), dtype=np.int64)
+    es = EvalSet.from_shards("code", sh, 32, 1024)
+    W, n = (len(val) - 1) // 32, 1024 // 32
+    expected = np.stack([val[i * 32 : i * 32 + 33] for i in (k * W // n for k in range(n))])
+    assert np.array_equal(es.windows.numpy(), expected)
+    eos = sh.meta["tokenizer"]["eos_token_id"]
+    held_out = int((val == eos).sum())
+    assert es.coverage["of_documents"] == held_out >= 20 and es.coverage["windows"] == n and es.coverage["of_windows"] == W
+    # the windows reach documents all over the split, far more than its first 1,024 tokens hold
+    first = int((val[: n * 32 + 1] == eos).sum()) + 1
+    assert es.coverage["documents"] > first

@@ -208,17 +208,26 @@ def _cmd_sweep(args: argparse.Namespace) -> int:
     from pathlib import Path
 
     from rewarm import atomic
-    from rewarm.sweep import expand, launch_commands, load_sweep, run_all, slurm_array, status, write_configs
+    from rewarm.findings import write_roles
+    from rewarm.sweep import expand, launch_commands, load_sweep, roles_of, run_all, slurm_array, status, write_configs
 
     spec = load_sweep(args.sweep)
     runs = expand(spec)
     root = Path(spec["out_dir"])
+    roles = roles_of(spec)
+    if roles is not None:
+        unknown = [n for n in [roles.reference, *roles.warmups, *roles.max_lrs, roles.constant, roles.replay,
+                               *roles.early_starts, roles.scratch, *roles.reference_seeds] if n and n not in {r.name for r in runs}]
+        if unknown:
+            raise UserError(f"sweep `roles:` names runs the sweep does not have: {unknown}.")
     if args.dry_run:
         for r in runs:
             print(f"{status(r):>8}  {r.name:<32} {r.out_dir}")
         print(f"{len(runs)} runs in {root}")
         return 0
     configs = write_configs(runs, root)
+    if roles is not None:
+        write_roles(root, roles)
     if args.print_commands or args.slurm_array:
         if args.print_commands:
             print("\n".join(launch_commands(configs, args.nproc)))
@@ -239,7 +248,7 @@ def _cmd_demo(args: argparse.Namespace) -> int:
 
     from rewarm.demo import run_demo
 
-    result = run_demo(Path(args.out), quick=args.quick, progress=not args.quiet)
+    result = run_demo(Path(args.out), quick=args.quick, progress=not args.quiet, precision=args.precision)
     print()
     print(result["findings_markdown"])
     print()
@@ -254,7 +263,7 @@ def _cmd_demo(args: argparse.Namespace) -> int:
 def _cmd_report(args: argparse.Namespace) -> int:
     from rewarm.report import report
 
-    path = report(args.runs, args.output, fmt=args.format, title=args.title)
+    path = report(args.runs, args.output, fmt=args.format, title=args.title, roles_file=args.roles)
     print(f"wrote {path}")
     return 0
 
@@ -361,6 +370,8 @@ def build_parser() -> argparse.ArgumentParser:
     rp.add_argument("-o", "--output", required=True, help="output directory")
     rp.add_argument("--format", choices=("md", "html"), default="md")
     rp.add_argument("--title", default="rewarm report")
+    rp.add_argument("--roles", help="YAML mapping roles to run names for the findings table (default: RUNS/roles.yaml, "
+                                    "which `rewarm sweep` writes from the sweep's `roles:`)")
     rp.set_defaults(func=_cmd_report)
 
     cr = sub.add_parser("config", help="config tools").add_subparsers(dest="cfg_command", required=True)
@@ -370,6 +381,8 @@ def build_parser() -> argparse.ArgumentParser:
     dm.add_argument("--out", default="demo_out", help="working directory (data, tokenizer, runs, report)")
     dm.add_argument("--quick", action="store_true", help="fewer steps and tokens, same pipeline (~3 minutes)")
     dm.add_argument("-q", "--quiet", action="store_true", help="no progress bars")
+    dm.add_argument("--precision", choices=("auto", "fp32", "bf16"), default="auto",
+                    help="train.precision of every run (auto: bf16 on CPUs with bf16 units, else fp32)")
     dm.set_defaults(func=_cmd_demo)
     return p
 

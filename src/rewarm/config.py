@@ -8,6 +8,7 @@ so a typo never silently falls back to a default.
 from __future__ import annotations
 
 import dataclasses
+import logging
 import math
 import types
 import typing
@@ -18,6 +19,8 @@ from typing import Any, Optional, Union
 import yaml
 
 from rewarm.errors import UserError, did_you_mean
+
+log = logging.getLogger(__name__)
 
 
 def _f(default: Any, doc: str, **kw: Any) -> Any:
@@ -433,6 +436,9 @@ def validate(cfg: RunConfig) -> None:
             f"`schedule.min_lr` ({s.min_lr}) is larger than `schedule.max_lr` ({s.max_lr}). "
             f"Set min_lr <= max_lr (the papers use min_lr = 0.1 x max_lr)."
         )
+    if 0 < s.warmup < 1 and warmup_steps(s.warmup, t.max_steps) == 0:
+        log.warning("`schedule.warmup` %g of %d steps rounds to 0 warmup steps: the run has no warmup. Give the "
+                    "warmup in steps (a number >= 1) or train longer.", s.warmup, t.max_steps)
     if warmup_steps(s.warmup, t.max_steps) >= t.max_steps:
         raise UserError(
             f"`schedule.warmup` ({s.warmup}) covers all {t.max_steps} steps, leaving none at the schedule's own LR. "

@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import logging
 import math
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import numpy as np
 import torch
@@ -23,27 +23,49 @@ log = logging.getLogger(__name__)
 class EvalSet:
     name: str
     windows: torch.Tensor  # (n, seq_len + 1) int64
+    coverage: dict = field(default_factory=dict)  # which part of the val split the windows cover
 
     @classmethod
     def from_shards(cls, name: str, shards: TokenShards, seq_len: int, eval_tokens: int) -> "EvalSet":
+        """`eval_tokens // seq_len` windows spread evenly over the WHOLE val split: the val split
+        keeps input order, so its first tokens would be one document of one source. Window i of n
+        starts at token seq_len * floor(i * W / n) of the W non-overlapping windows the split holds:
+        deterministic, the same for every run on the same data."""
         from rewarm.errors import UserError
 
         val = shards.split("val")
-        n = min(eval_tokens, max(len(val) - 1, 0)) // seq_len
+        total = max(len(val) - 1, 0) // seq_len  # non-overlapping windows in the split
+        n = min(eval_tokens // seq_len, total)
         if n < 1:
             raise UserError(
                 f"eval set `{name}` ({shards.path}) has {len(val)} validation tokens, fewer than one window of "
                 f"{seq_len + 1}. Prepare it with a larger --val-fraction / --val-tokens, or lower train.seq_len."
             )
-        if len(val) - 1 < eval_tokens:
+        if total * seq_len < eval_tokens:
             log.warning("eval set `%s` has only %d validation tokens; scoring %d windows (%d tokens)",
                         name, len(val), n, n * seq_len)
-        rows = np.lib.stride_tricks.sliding_window_view(np.asarray(val[: n * seq_len + 1], dtype=np.int64), seq_len + 1)[::seq_len]
-        return cls(name, torch.from_numpy(np.ascontiguousarray(rows)))
+        picks = (np.arange(n, dtype=np.int64) * total) // n
+        rows = np.stack([np.asarray(val[i * seq_len : i * seq_len + seq_len + 1], dtype=np.int64) for i in picks])
+        return cls(name, torch.from_numpy(rows), _coverage(shards, val, picks, seq_len, total))
 
     @property
     def tokens(self) -> int:
         return self.windows.shape[0] * (self.windows.shape[1] - 1)
+
+
+def _coverage(shards: TokenShards, val, picks: np.ndarray, seq_len: int, total: int) -> dict:
+    """How many of the split's documents (EOS-separated) the chosen windows touch."""
+    eos = shards.meta["tokenizer"].get("eos_token_id")
+    out = {"windows": int(len(picks)), "of_windows": int(total), "stride_windows": round(total / max(len(picks), 1), 2)}
+    if eos is None:
+        return out
+    ends = np.flatnonzero(np.asarray(val) == eos)  # document i ends at ends[i]
+    docs = set()
+    for i in picks:
+        lo, hi = np.searchsorted(ends, [i * seq_len, i * seq_len + seq_len], side="left")
+        docs.update(range(int(lo), int(hi) + 1))
+    out.update(documents=len(docs), of_documents=int(len(ends)))
+    return out
 
 
 @torch.no_grad()

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import base64
 import html
+import re
 from pathlib import Path
 
 from rewarm import atomic
@@ -33,7 +34,7 @@ def _colors(runs: list[RunData]) -> dict[str, tuple]:
     return {r.name: cmap(i % cmap.N) for i, r in enumerate(runs)}
 
 
-def plot_losses(runs: list[RunData], out: Path) -> Path:
+def plot_losses(runs: list[RunData], out: Path, dashed: set[str] = frozenset()) -> Path:
     plt = _pyplot()
     sets = _set_names(runs)
     colors = _colors(runs)
@@ -43,7 +44,7 @@ def plot_losses(runs: list[RunData], out: Path) -> Path:
             pts = r.series(name)
             if pts:
                 ax.plot([p[0] / 1e6 for p in pts], [p[1] for p in pts], label=r.name, color=colors[r.name],
-                        linestyle="--" if r.name in (F.SCRATCH, F.CONSTANT) else "-", linewidth=1.5)
+                        linestyle="--" if r.name in dashed else "-", linewidth=1.5)
         ax.set_title(f"{name} held-out loss")
         ax.set_xlabel("tokens seen in this run (millions)")
         ax.set_ylabel("cross-entropy (nats / token)")
@@ -163,37 +164,71 @@ def run_table(runs: list[RunData]) -> tuple[list[str], list[list[str]]]:
     return header, rows
 
 
-def report(paths: list[str], out_dir: str | Path, fmt: str = "md", title: str = "rewarm report") -> Path:
+def replicate_groups(runs: list[RunData]) -> dict[str, list[RunData]]:
+    """Runs that differ only in their seed (`X`, `X_seed1`, ... or `X_seed0`, `X_seed1`, ...), by base name."""
+    groups: dict[str, list[RunData]] = {}
+    for r in runs:
+        m = re.fullmatch(r"(.+)_seed\d+", r.name)
+        groups.setdefault(m.group(1) if m else r.name, []).append(r)
+    return {k: v for k, v in groups.items() if len(v) > 1}
+
+
+def replicate_table(runs: list[RunData], up: str = "upstream", down: str = "downstream") -> tuple[list[str], list[list[str]]]:
+    """Mean ± spread (max − min) over seed replicates: the noise a finding's differences must exceed."""
+    header = ["runs", "seeds", f"final {up}", f"final {down}", "forgetting", "adaptation"]
+    rows = []
+    for base, group in replicate_groups(runs).items():
+        done = [r for r in group if r.finished]
+        row = [base, str(len(done))]
+        for values in ([r.final(up) for r in done], [r.final(down) for r in done],
+                       [r.forgetting(up) for r in done], [r.adaptation(down) for r in done]):
+            vals = [v for v in values if v is not None]
+            row.append(f"{sum(vals) / len(vals):.4f} ± {max(vals) - min(vals):.4f}" if vals else "–")
+        rows.append(row)
+    return header, rows
+
+
+def report(paths: list[str], out_dir: str | Path, fmt: str = "md", title: str = "rewarm report",
+           roles_file: str | None = None, extra_images: dict[str, Path] | None = None) -> Path:
     runs = find_runs(paths)
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
+    by_name = {r.name: r for r in runs}
+    roles = F.find_roles(paths, set(by_name), roles_file)
+    dashed = {n for n in ((roles.scratch, roles.constant) if roles else ()) if n}
     images = {
-        "Held-out loss vs tokens": plot_losses(runs, out / "loss_vs_tokens.png"),
+        **(extra_images or {}),
+        "Held-out loss vs tokens": plot_losses(runs, out / "loss_vs_tokens.png", dashed),
         "Forgetting vs adaptation": plot_tradeoff(runs, out / "tradeoff.png"),
         "Downstream tasks vs tokens": plot_downstream(runs, out / "downstream.png"),
         "Learning rates": plot_lrs(runs, out / "lr.png"),
     }
     images = {k: v for k, v in images.items() if v is not None}
     header, rows = run_table(runs)
-    by_name = {r.name: r for r in runs}
-    found = F.compute(by_name) if any(n in by_name for n in (F.MID, F.SCRATCH, F.CONSTANT)) else []
+    replicates = replicate_table(runs, *(roles.upstream, roles.downstream) if roles else ())
+    found = F.compute(by_name, roles) if roles else []
     notes = ("Step-0 loss: the eval before the first update. Final: the last eval. Forgetting = final − step-0 "
              "upstream loss; adaptation = step-0 − final downstream loss; spike = peak upstream loss over the evals "
              "in the first 10% of steps minus step-0 upstream loss. Downstream columns: the last downstream evaluation "
-             "(accuracy and p_choices(gold), the softmax over the choices' log-likelihoods, ± standard error).")
+             "(accuracy and p_choices(gold), the softmax over the choices' log-likelihoods, ± standard error). "
+             "Findings: definitions and verdicts (holds / does not hold at this scale / within noise / incomplete) "
+             "as in docs/findings.md.")
     if fmt == "html":
-        text = _html(title, runs, header, rows, images, found, notes)
+        text = _html(title, runs, header, rows, images, found, notes, replicates)
         path = out / "report.html"
     else:
-        text = _markdown(title, runs, header, rows, images, found, notes)
+        text = _markdown(title, runs, header, rows, images, found, notes, replicates)
         path = out / "report.md"
     return atomic.write_text(path, text)
 
 
-def _markdown(title, runs, header, rows, images, found, notes) -> str:
+def _markdown(title, runs, header, rows, images, found, notes, replicates) -> str:
     lines = [f"# {title}", "", f"{len(runs)} runs. {notes}", ""]
     if found:
         lines += ["## The papers' findings, in these runs", "", F.as_markdown(found), ""]
+    if replicates[1]:
+        lines += ["## Seed replicates (mean ± spread)", "", "| " + " | ".join(replicates[0]) + " |",
+                  "|" + "---|" * len(replicates[0])] + ["| " + " | ".join(r) + " |" for r in replicates[1]] + [""]
     lines += ["## Runs", "", "| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
     lines += ["| " + " | ".join(r) + " |" for r in rows]
     for caption, img in images.items():
@@ -201,20 +236,26 @@ def _markdown(title, runs, header, rows, images, found, notes) -> str:
     return "\n".join(lines) + "\n"
 
 
-def _html(title, runs, header, rows, images, found, notes) -> str:
+def _html(title, runs, header, rows, images, found, notes, replicates) -> str:
     esc = html.escape
     parts = [f"<!doctype html><html><head><meta charset='utf-8'><title>{esc(title)}</title><style>",
              "body{font-family:system-ui,sans-serif;max-width:1200px;margin:2em auto;padding:0 1em;color:#222}",
              "table{border-collapse:collapse;font-size:13px;margin:1em 0}td,th{border:1px solid #ccc;padding:4px 8px;text-align:right}",
              "td:first-child,th:first-child{text-align:left}th{background:#f3f3f3}img{max-width:100%;border:1px solid #eee}",
-             ".holds{color:#176a17;font-weight:bold}.fails{color:#a33;font-weight:bold}</style></head><body>",
+             ".holds{color:#176a17;font-weight:bold}.fails{color:#a33;font-weight:bold}"
+             ".noise{color:#8a6d00;font-weight:bold}.incomplete{color:#777;font-style:italic}</style></head><body>",
              f"<h1>{esc(title)}</h1><p>{len(runs)} runs. {esc(notes)}</p>"]
     if found:
         parts.append("<h2>The papers' findings, in these runs</h2><table><tr><th>id</th><th>finding</th><th>result</th><th>numbers</th></tr>")
         for f in found:
-            cls = "holds" if f.holds else "fails"
+            cls = {F.HOLDS: "holds", F.FAILS: "fails", F.NOISE: "noise"}.get(f.verdict, "incomplete")
             parts.append(f"<tr><td>{f.id}</td><td style='text-align:left'>{esc(f.claim)}</td><td class='{cls}'>{esc(f.verdict)}</td>"
                          f"<td style='text-align:left'>{esc(f.detail)}</td></tr>")
+        parts.append("</table>")
+    if replicates[1]:
+        parts.append("<h2>Seed replicates (mean ± spread)</h2><table><tr>" +
+                     "".join(f"<th>{esc(h)}</th>" for h in replicates[0]) + "</tr>")
+        parts += ["<tr>" + "".join(f"<td>{esc(c)}</td>" for c in row) + "</tr>" for row in replicates[1]]
         parts.append("</table>")
     parts.append("<h2>Runs</h2><table><tr>" + "".join(f"<th>{esc(h)}</th>" for h in header) + "</tr>")
     parts += ["<tr>" + "".join(f"<td>{esc(c)}</td>" for c in row) + "</tr>" for row in rows]

@@ -3,7 +3,7 @@
 Definitions (docs/findings.md): step-0 loss = the eval before any update; final loss = the
 last eval; forgetting = final upstream - step-0 upstream; adaptation = step-0 downstream -
 final downstream; re-warming spike = peak upstream loss over the evals in the first 10% of
-steps (after step 0) minus the step-0 upstream loss.
+steps (after step 0) minus the step-0 upstream loss. A run is finished when its summary.json exists.
 """
 from __future__ import annotations
 
@@ -86,6 +86,22 @@ class RunData:
     def adaptation(self, downstream: str = "downstream") -> float | None:
         s, f = self.start(downstream), self.final(downstream)
         return None if s is None or f is None else s - f
+
+    def warmup_steps(self) -> int:
+        """The run's warmup in steps, as its schedule computed it."""
+        from rewarm.config import warmup_steps
+
+        sched = self.config.get("schedule", {})
+        return warmup_steps(float(sched.get("warmup", 0.01)), self.max_steps)
+
+    def early_steps(self) -> list[int]:
+        """Steps of the evals in the first 10% of the run, after step 0 (where re-warming spikes)."""
+        return [step for step, _, _ in self.evals if 0 < step <= 0.1 * self.max_steps]
+
+    def peak(self, name: str, steps: list[int]) -> float | None:
+        """The highest loss of set `name` over the evals at `steps` (None if it has none of them)."""
+        vals = [sets[name] for step, _, sets in self.evals if step in steps and name in sets]
+        return max(vals) if vals else None
 
     def spike(self, upstream: str = "upstream") -> float | None:
         s = self.start(upstream)

@@ -126,11 +126,21 @@ def infinite(s: Any, total: int) -> Schedule:
 def repeated_cosine(s: Any, total: int) -> Schedule:
     """`num_cycles` equal cycles, each a linear warmup (the same warmup spec applied to the
     cycle length) followed by a cosine decay to min_lr: the naive "re-warm every time new
-    data arrives" baseline of Ibrahim et al. 2024."""
+    data arrives" baseline of Ibrahim et al. 2024. The first cycle warms up from
+    warmup_start_lr; every later one re-warms from min_lr, where the previous one ended (as the
+    authors' code does), not from 0."""
+    import dataclasses
+
     n = max(int(s.num_cycles), 1)
     cycle = max(total // n, 1)
-    one = cosine(s, cycle)
-    return lambda step: one(min(step - cycle * min(step // cycle, n - 1), cycle))
+    first = cosine(s, cycle)
+    later = cosine(dataclasses.replace(s, warmup_start_lr=s.min_lr), cycle)
+
+    def lr(step: int) -> float:
+        k = min(step // cycle, n - 1)
+        return (first if k == 0 else later)(min(step - cycle * k, cycle))
+
+    return lr
 
 
 # every name config.SCHEDULE_NAMES declares (config validates against that list; a test checks they agree)

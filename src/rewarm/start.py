@@ -285,6 +285,7 @@ def start_run(cfg: RunConfig, run: RunDir, d: Dist, *, overwrite: bool = False, 
         "total_tokens": cfg.train.max_steps * cfg.train.global_batch * cfg.train.seq_len,
         "source_shares": {s.name: float(w) for s, w in zip(sources, mixture.shares)},
         "eval_tokens": {e.name: e.tokens for e in eval_sets},
+        "eval_windows": {e.name: e.coverage for e in eval_sets},
         "world_size": d.world, "strategy": cfg.distributed.strategy if d.active else "single",
         "precision": precision,
     }

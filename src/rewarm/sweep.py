@@ -8,6 +8,9 @@
       schedule.warmup: [0, 0.01]
     runs:                                 # optional explicit runs (overrides on the base)
       - {name: constant, set: {schedule.name: constant, schedule.max_lr: 3.0e-5}}
+    seeds: [0, 1, 2]                      # optional: every run once per seed, named <run>_seed<k>
+    roles: {reference: ..., ...}          # optional: which run plays which part in the papers'
+                                          # findings (findings.Roles), written to out_dir/roles.yaml
 
 Runs are executed one after another; finished runs are skipped, interrupted ones resumed,
 and a failed run does not stop the others (they are listed at the end, exit code 1).
@@ -67,9 +70,15 @@ def load_sweep(path: str | Path) -> dict:
     spec = read_yaml(p) or {}
     if not isinstance(spec, dict):
         raise UserError(f"sweep file {p} must hold a mapping (name, out_dir, base, axes, runs).")
-    unknown = set(spec) - {"name", "out_dir", "base", "axes", "runs"}
+    unknown = set(spec) - {"name", "out_dir", "base", "axes", "runs", "seeds", "roles"}
     if unknown:
-        raise UserError(f"sweep file {p}: unknown top-level keys {sorted(unknown)}; valid: name, out_dir, base, axes, runs.")
+        raise UserError(f"sweep file {p}: unknown top-level keys {sorted(unknown)}; valid: name, out_dir, base, axes, runs, "
+                        f"seeds, roles.")
+    seeds = spec.get("seeds")
+    if seeds is not None and (not isinstance(seeds, list) or not seeds or
+                              not all(isinstance(x, int) and not isinstance(x, bool) and x >= 0 for x in seeds)
+                              or len(set(seeds)) != len(seeds)):
+        raise UserError(f"sweep file {p}: `seeds` must be a list of distinct integers >= 0, e.g. [0, 1, 2]; got {seeds!r}.")
     if isinstance(spec.get("base"), str):
         base_path = (p.parent / spec["base"]) if not Path(spec["base"]).is_absolute() else Path(spec["base"])
         if not base_path.is_file():
@@ -96,6 +105,12 @@ def expand(spec: dict) -> list[PlannedRun]:
         if "name" not in extra:
             raise UserError("every entry of `runs:` needs a `name`.")
         planned.append(PlannedRun(extra["name"], dict(_set(base, extra.get("set") or {}), out_dir=str(root / extra["name"]))))
+    seeds = spec.get("seeds") or []
+    if len(seeds) > 1:  # replicates: the same run once per seed (model init for scratch, data order for continual)
+        planned = [PlannedRun(seeded_name(r.name, s), dict(r.raw, seed=s, out_dir=str(root / seeded_name(r.name, s))))
+                   for r in planned for s in seeds]
+    elif seeds:
+        planned = [PlannedRun(r.name, dict(r.raw, seed=seeds[0])) for r in planned]
     names = [r.name for r in planned]
     dupes = {n for n in names if names.count(n) > 1}
     if dupes:
@@ -106,6 +121,31 @@ def expand(spec: dict) -> list[PlannedRun]:
         except UserError as exc:
             raise UserError(f"sweep run `{r.name}`: {exc}") from None
     return planned
+
+
+def seeded_name(name: str, seed: int) -> str:
+    return f"{name}_seed{seed}"
+
+
+def roles_of(spec: dict):
+    """The sweep's `roles:` as findings.Roles, with every role expanded to its seed replicates
+    (the first seed's replicate plays the role; all of the reference's measure the noise)."""
+    from rewarm.findings import Roles
+
+    raw = spec.get("roles")
+    if raw is None:
+        return None
+    if not isinstance(raw, dict):
+        raise UserError("sweep `roles:` must be a mapping, e.g. {reference: warmup1pct, constant: constant3e-5, ...}.")
+    seeds = spec.get("seeds") or []
+    roles = Roles.from_dict(dict(raw))
+    if len(seeds) > 1:
+        first = lambda n: seeded_name(n, seeds[0]) if n else n  # noqa: E731
+        reference = roles.reference
+        roles = Roles(**{k: ([first(n) for n in v] if isinstance(v, list) else first(v) if k not in ("upstream", "downstream")
+                                else v) for k, v in roles.to_dict().items()})
+        roles.reference_seeds = [seeded_name(reference, s) for s in seeds]
+    return roles
 
 
 def write_configs(runs: list[PlannedRun], root: Path) -> list[Path]:
