@@ -117,3 +117,24 @@ def assert_user_error(proc: _sp.CompletedProcess, *needles: str) -> None:
     assert "Traceback" not in proc.stderr, proc.stderr
     for needle in needles:
         assert needle in proc.stderr, (needle, proc.stderr[-2000:])
+
+
+def interrupt_after(run, step_dir: str) -> None:
+    """Leave `run` as if killed after its previous checkpoint: `step_dir`, final/ and the summary gone."""
+    import shutil
+
+    shutil.rmtree(run.checkpoints / step_dir)
+    shutil.rmtree(run.final)
+    run.summary.unlink()
+
+
+def assert_same_run(a_dir: Path, b_dir: Path) -> None:
+    """Two runs gave the same numbers (train and eval events, `==`) and the same final weights (to the bit)."""
+    import torch
+    from transformers import AutoModelForCausalLM
+
+    strip = lambda evs: [e for e in evs if e["event"] in ("train", "eval")]  # noqa: E731
+    assert strip(metrics(a_dir)) == strip(metrics(b_dir))
+    a = AutoModelForCausalLM.from_pretrained(Path(a_dir) / "final").state_dict()
+    b = AutoModelForCausalLM.from_pretrained(Path(b_dir) / "final").state_dict()
+    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)

@@ -172,3 +172,18 @@ def test_error_catalogue_names_a_real_test_on_every_row_and_the_readme_counts_th
         for module, name in named:
             assert name in tests.get(module, set()), (module, name)
     assert f"[docs/errors.md](docs/errors.md) ({len(rows)} rows, each with its test)" in (root / "README.md").read_text()
+
+
+def test_warmup_that_rounds_to_zero_steps_warns(caplog):
+    """0.5% of 80 steps is 0.4 steps: round() makes it 0 and the run has no warmup at all. Say so."""
+    import logging
+
+    with caplog.at_level(logging.WARNING, logger="rewarm.config"):
+        load_config(None, ["data.train=[{name: a, path: x}]", "model.preset=tiny", "train.max_steps=80",
+                           "schedule.warmup=0.005"])
+    assert "rounds to 0 warmup steps" in caplog.text
+    caplog.clear()
+    with caplog.at_level(logging.WARNING, logger="rewarm.config"):
+        load_config(None, ["data.train=[{name: a, path: x}]", "model.preset=tiny", "train.max_steps=80",
+                           "schedule.warmup=2"])
+    assert "rounds to 0" not in caplog.text

@@ -183,24 +183,30 @@ def test_constant_schedule_warmup_beyond_the_run_is_refused(tmp_path, shards):
     assert_user_error(cli_train(tmp_path, cfg), "covers all 6 steps")
 
 
-def test_every_numeric_key_has_a_declared_range():
+def config_fields(cls=None, prefix: str = ""):
+    """(dotted key, type) of every leaf field of the run config (Optional[...] unwrapped)."""
     import dataclasses
     import typing
 
-    from rewarm.config import LIST_ITEM_TYPES, RANGES, RunConfig
+    from rewarm.config import RunConfig
 
-    def numeric_keys(cls, prefix):
-        hints = typing.get_type_hints(cls)
-        for f in dataclasses.fields(cls):
-            tp = hints[f.name]
-            args = [a for a in typing.get_args(tp) if a is not type(None)] or [tp]
-            if dataclasses.is_dataclass(args[0]):
-                yield from numeric_keys(args[0], f"{prefix}{f.name}.")
-            elif args[0] in (int, float):
-                yield f"{prefix}{f.name}"
-    keys = set(numeric_keys(RunConfig, ""))
+    cls = cls or RunConfig
+    hints = typing.get_type_hints(cls)
+    for f in dataclasses.fields(cls):
+        tp = hints[f.name]
+        tp = ([a for a in typing.get_args(tp) if a is not type(None)] or [tp])[0]
+        if dataclasses.is_dataclass(tp):
+            yield from config_fields(tp, f"{prefix}{f.name}.")
+        else:
+            yield f"{prefix}{f.name}", tp
+
+
+def test_every_numeric_key_has_a_declared_range():
+    from rewarm.config import LIST_ITEM_TYPES, RANGES
+
+    keys = {k for k, tp in config_fields() if tp in (int, float)}
     for head, item in LIST_ITEM_TYPES.items():
-        keys |= {f"{head}.{k}" for k in numeric_keys(item, "")}
+        keys |= {f"{head}.{k}" for k, tp in config_fields(item) if tp in (int, float)}
     assert keys - set(RANGES) == set()
 
 
@@ -361,24 +367,6 @@ def test_downstream_under_fsdp_is_refused_before_training(tmp_path, shards):
 
 # --------------------------------------------------------------------------- any value of any field
 
-def _leaf_keys():
-    import dataclasses
-    import typing
-
-    from rewarm.config import RunConfig
-
-    def walk(cls, prefix):
-        hints = typing.get_type_hints(cls)
-        for f in dataclasses.fields(cls):
-            tp = hints[f.name]
-            args = [a for a in typing.get_args(tp) if a is not type(None)] or [tp]
-            if dataclasses.is_dataclass(args[0]):
-                yield from walk(args[0], f"{prefix}{f.name}.")
-            else:
-                yield f"{prefix}{f.name}"
-    return list(walk(RunConfig, ""))
-
-
 def test_any_value_of_any_field_is_accepted_or_refused_with_a_message(tmp_path_factory):
     """Property: whatever value (of the field's type or not) a key gets, validation either accepts it
     or raises UserError, never anything else, and writes nothing. Values that pass are then valid
@@ -395,7 +383,7 @@ def test_any_value_of_any_field_is_accepted_or_refused_with_a_message(tmp_path_f
     root = tmp_path_factory.mktemp("prop")
 
     @settings(max_examples=300, deadline=None, suppress_health_check=list(HealthCheck))
-    @given(key=st.sampled_from(_leaf_keys()), value=values)
+    @given(key=st.sampled_from([k for k, _ in config_fields()]), value=values)
     def check(key, value):
         import yaml
 

@@ -2,14 +2,11 @@
 bf16 units), and `precision: auto` resolved both ways by faking what /proc/cpuinfo says."""
 from __future__ import annotations
 
-import shutil
-
 import pytest
 import torch
 import torch.nn.functional as F
-from transformers import AutoModelForCausalLM
 
-from conftest import SMALL_MODEL, metrics, small_run_config
+from conftest import SMALL_MODEL, assert_same_run, interrupt_after, metrics, small_run_config
 from rewarm import start
 from rewarm.config import config_from_dict
 from rewarm.data.shards import TokenShards
@@ -77,16 +74,9 @@ def test_bf16_resume_is_bit_exact(tmp_path, shards, bf16_and_fp32_runs):
     """Interrupted after the step-3 checkpoint and resumed under bf16: the same numbers and weights, to the bit."""
     ref, cfg = bf16_and_fp32_runs["bf16"]
     cfg = dict(cfg, out_dir=str(tmp_path / "r"))
-    run = train(config_from_dict(cfg), progress=False)
-    shutil.rmtree(run.checkpoints / "step_000006")
-    shutil.rmtree(run.final)
-    run.summary.unlink()
+    interrupt_after(train(config_from_dict(cfg), progress=False), "step_000006")
     resumed = train(config_from_dict(dict(cfg, init="resume")), progress=False)
-    strip = lambda evs: [e for e in evs if e["event"] in ("train", "eval")]  # noqa: E731
-    assert strip(metrics(resumed.path)) == strip(metrics(ref.path))
-    a = AutoModelForCausalLM.from_pretrained(resumed.final).state_dict()
-    b = AutoModelForCausalLM.from_pretrained(ref.final).state_dict()
-    assert all(torch.equal(a[k], b[k]) for k in a)
+    assert_same_run(resumed.path, ref.path)
 
 
 def test_bf16_eval_matches_an_unfused_bf16_forward(shards):

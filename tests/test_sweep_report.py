@@ -138,13 +138,13 @@ def test_paper_sweeps_expand_to_valid_runs(name, count):
         assert by["replay0pct"]["train"]["max_steps"] == 132366 and by["union_from_scratch"]["init"] == "scratch"
     from rewarm.sweep import roles_of
 
-    roles = roles_of(load_sweep(Path(__file__).parents[1] / "configs" / "paper" / f"{name}.yaml"))
+    roles = roles_of(load_sweep(Path(__file__).parents[1] / "configs" / "paper" / f"{name}.yaml"), runs)
     assert roles is not None and all(n in by for n in [roles.reference, *roles.warmups, *roles.max_lrs] if n)
 
 
 def test_paper_style_sweep_with_roles_and_seeds_gets_a_findings_table(tmp_path, shards):
-    """A sweep with the paper's run names declares its roles and 3 seeds; `rewarm report` on the
-    sweep directory computes every finding from them (not "incomplete"), with the seed noise."""
+    """A sweep with the paper's run names declares its roles and 3 seeds of its reference; `rewarm
+    report` on the sweep directory computes every finding from them (none "incomplete"), with the noise."""
     from rewarm.config import config_from_dict
     from rewarm.train import train
 
@@ -154,42 +154,41 @@ def test_paper_style_sweep_with_roles_and_seeds_gets_a_findings_table(tmp_path, 
     train(config_from_dict(pre), progress=False)
     base = small_run_config(tmp_path / "unused", shards, init="weights", **{
         "model": {"path": str(tmp_path / "pre" / "final")}, "train.max_steps": 10, "eval.interval": 5,
-        "eval.interval_warmup": 1, "eval.dense_until": 0.1, "schedule.warmup": 2, "checkpoint.interval": 0})
+        "eval.interval_warmup": 1, "eval.dense_until": 0.1, "schedule.warmup": 2, "checkpoint.interval": 0,
+        "eval.tokens": 256})
     base.pop("out_dir")
     ck = lambda s: str(tmp_path / "pre" / "checkpoints" / f"step_{s:06d}")  # noqa: E731
     replay = [{"name": "downstream", "path": str(shards["downstream"]), "weight": 0.95},
               {"name": "upstream", "path": str(shards["upstream"]), "weight": 0.05}]
+    small = {"hidden_size": 32, "num_hidden_layers": 2, "num_attention_heads": 2, "intermediate_size": 64}
     spec = {
-        "name": "gupta-tiny", "out_dir": str(tmp_path / "sweep"), "base": base, "seeds": [0, 1, 2],
-        "runs": [{"name": "warmup0pct", "set": {"schedule.warmup": 0}}, {"name": "warmup1pct", "set": {}},
-                 {"name": "warmup2pct", "set": {"schedule.warmup": 4}}, {"name": "maxlr5e-4", "set": {"schedule.max_lr": 5e-4}},
-                 {"name": "maxlr2e-3", "set": {"schedule.max_lr": 2e-3}},
+        "name": "gupta-tiny", "out_dir": str(tmp_path / "sweep"), "base": base,
+        "runs": [{"name": "warmup0pct", "set": {"schedule.warmup": 0}}, {"name": "warmup1pct", "set": {}, "seeds": [0, 1, 2]},
+                 {"name": "maxlr5e-4", "set": {"schedule.max_lr": 5e-4}}, {"name": "maxlr2e-3", "set": {"schedule.max_lr": 2e-3}},
                  {"name": "constant", "set": {"schedule": {"name": "constant", "max_lr": 1e-4, "min_lr": 1e-4, "warmup": 0}}},
-                 {"name": "replay5pct", "set": {"data.train": replay}},
-                 {"name": "from_step2", "set": {"model.path": ck(2)}}, {"name": "from_step4", "set": {"model.path": ck(4)}},
-                 {"name": "scratch", "set": {"init": "scratch", "model": {"preset": "tiny", "overrides": base["model"].get("overrides", {})}}}],
-        "roles": {"reference": "warmup1pct", "warmups": ["warmup0pct", "warmup1pct", "warmup2pct"],
+                 {"name": "replay5pct", "set": {"data.train": replay}}, {"name": "from_step2", "set": {"model.path": ck(2)}},
+                 {"name": "scratch", "set": {"init": "scratch", "model": {"preset": "tiny", "overrides": small}}}],
+        "roles": {"reference": "warmup1pct", "warmups": ["warmup0pct", "warmup1pct"],
                   "max_lrs": ["maxlr5e-4", "warmup1pct", "maxlr2e-3"], "constant": "constant", "replay": "replay5pct",
-                  "early_starts": ["from_step2", "from_step4"], "scratch": "scratch"},
+                  "early_starts": ["from_step2"], "scratch": "scratch"},
     }
-    spec["runs"][-1]["set"]["model"]["overrides"] = {"hidden_size": 32, "num_hidden_layers": 2, "num_attention_heads": 2,
-                                                     "intermediate_size": 64}
     path = tmp_path / "sweep.yaml"
     path.write_text(yaml.safe_dump(spec))
-    runs = expand(yaml.safe_load(path.read_text()) | {"out_dir": str(tmp_path / "sweep")})
-    assert len(runs) == 30 and runs[0].name == "warmup0pct_seed0" and runs[1].raw["seed"] == 1
+    runs = expand(spec)
+    assert [r.name for r in runs][:4] == ["warmup0pct", "warmup1pct_seed0", "warmup1pct_seed1", "warmup1pct_seed2"]
+    assert runs[2].raw["seed"] == 1 and len(runs) == 10
     proc = run_cli("sweep", str(path), "-q")
     assert proc.returncode == 0, proc.stderr[-3000:]
     roles = yaml.safe_load((tmp_path / "sweep" / "roles.yaml").read_text())
     assert roles["reference"] == "warmup1pct_seed0" and roles["reference_seeds"] == [f"warmup1pct_seed{s}" for s in (0, 1, 2)]
+    assert roles["max_lrs"] == ["maxlr5e-4", "warmup1pct_seed0", "maxlr2e-3"]
     assert run_cli("report", str(tmp_path / "sweep"), "-o", str(tmp_path / "rep")).returncode == 0
     md = (tmp_path / "rep" / "report.md").read_text()
     rows = {line.split("|")[1].strip(): line.split("|")[3].strip(" *") for line in md.splitlines()
-            if line.startswith("| ") and line.split("|")[1].strip() in "abcdefs" and line.split("|")[1].strip()}
+            if line.startswith("| ") and line.split("|")[1].strip() in list("abcdefs")}
     assert sorted(rows) == list("abcdefs")
     assert set(rows.values()) <= {"holds", "does not hold at this scale", "within noise"}, rows
     assert "seed noise over 3 replicates" in md and "## Seed replicates (mean ± spread)" in md
     assert "| warmup1pct | 3 |" in md
-    bad = dict(spec, roles={"reference": "warmup1pct", "constant": "nope"})
-    path.write_text(yaml.safe_dump(bad))
-    assert "names runs the sweep does not have: ['nope_seed0']" in run_cli("sweep", str(path), "--dry-run").stderr
+    path.write_text(yaml.safe_dump(dict(spec, roles={"reference": "warmup1pct", "constant": "nope"})))
+    assert "names a run the sweep does not have: `nope`" in run_cli("sweep", str(path), "--dry-run").stderr

@@ -8,7 +8,7 @@ import torch
 import torch.nn.functional as F
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
-from conftest import metrics, small_run_config
+from conftest import assert_same_run, interrupt_after, metrics, small_run_config
 from rewarm.config import config_from_dict
 from rewarm.data.mixture import Mixture, Source
 from rewarm.data.shards import TokenShards
@@ -116,20 +116,10 @@ def test_optimizer_state_from_checkpoint(tmp_path, shards, finished_run):
 
 def test_resume_continues_exactly(tmp_path, shards, finished_run):
     """Interrupted after the step-3 checkpoint (step 6's files gone), resumed: same numbers, same weights."""
-    import shutil
-
-    ref, _ = finished_run
     cfg = small_run_config(tmp_path / "r", shards)
-    run = train(config_from_dict(cfg), progress=False)
-    shutil.rmtree(run.checkpoints / "step_000006")
-    shutil.rmtree(run.final)
-    run.summary.unlink()
+    interrupt_after(train(config_from_dict(cfg), progress=False), "step_000006")
     resumed = train(config_from_dict(dict(cfg, init="resume")), progress=False)
-    strip = lambda evs: [e for e in evs if e["event"] in ("train", "eval")]  # noqa: E731
-    assert strip(metrics(resumed.path)) == strip(metrics(ref.path))
-    a = AutoModelForCausalLM.from_pretrained(resumed.final).state_dict()
-    b = AutoModelForCausalLM.from_pretrained(ref.final).state_dict()
-    assert all(torch.equal(a[k], b[k]) for k in a)
+    assert_same_run(resumed.path, finished_run[0].path)
 
 
 def test_compiled_body_trains_like_eager(tmp_path, shards, finished_run):

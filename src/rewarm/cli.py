@@ -214,12 +214,7 @@ def _cmd_sweep(args: argparse.Namespace) -> int:
     spec = load_sweep(args.sweep)
     runs = expand(spec)
     root = Path(spec["out_dir"])
-    roles = roles_of(spec)
-    if roles is not None:
-        unknown = [n for n in [roles.reference, *roles.warmups, *roles.max_lrs, roles.constant, roles.replay,
-                               *roles.early_starts, roles.scratch, *roles.reference_seeds] if n and n not in {r.name for r in runs}]
-        if unknown:
-            raise UserError(f"sweep `roles:` names runs the sweep does not have: {unknown}.")
+    roles = roles_of(spec, runs)
     if args.dry_run:
         for r in runs:
             print(f"{status(r):>8}  {r.name:<32} {r.out_dir}")

@@ -9,6 +9,7 @@
     runs:                                 # optional explicit runs (overrides on the base)
       - {name: constant, set: {schedule.name: constant, schedule.max_lr: 3.0e-5}}
     seeds: [0, 1, 2]                      # optional: every run once per seed, named <run>_seed<k>
+                                          # (or per run: {name: x, set: {...}, seeds: [0, 1, 2]})
     roles: {reference: ..., ...}          # optional: which run plays which part in the papers'
                                           # findings (findings.Roles), written to out_dir/roles.yaml
 
@@ -74,11 +75,7 @@ def load_sweep(path: str | Path) -> dict:
     if unknown:
         raise UserError(f"sweep file {p}: unknown top-level keys {sorted(unknown)}; valid: name, out_dir, base, axes, runs, "
                         f"seeds, roles.")
-    seeds = spec.get("seeds")
-    if seeds is not None and (not isinstance(seeds, list) or not seeds or
-                              not all(isinstance(x, int) and not isinstance(x, bool) and x >= 0 for x in seeds)
-                              or len(set(seeds)) != len(seeds)):
-        raise UserError(f"sweep file {p}: `seeds` must be a list of distinct integers >= 0, e.g. [0, 1, 2]; got {seeds!r}.")
+
     if isinstance(spec.get("base"), str):
         base_path = (p.parent / spec["base"]) if not Path(spec["base"]).is_absolute() else Path(spec["base"])
         if not base_path.is_file():
@@ -101,16 +98,25 @@ def expand(spec: dict) -> list[PlannedRun]:
             planned.append(PlannedRun(name, dict(_set(base, assignment), out_dir=str(root / name))))
     elif not spec.get("runs"):
         planned.append(PlannedRun("base", dict(copy.deepcopy(base), out_dir=str(root / "base"))))
+    top_seeds = _check_seeds(spec.get("seeds"), "`seeds`")
+    seeds_of = {r.name: top_seeds for r in planned}
     for extra in spec.get("runs") or []:
         if "name" not in extra:
             raise UserError("every entry of `runs:` needs a `name`.")
+        unknown = set(extra) - {"name", "set", "seeds"}
+        if unknown:
+            raise UserError(f"sweep run `{extra['name']}`: unknown keys {sorted(unknown)}; valid: name, set, seeds.")
         planned.append(PlannedRun(extra["name"], dict(_set(base, extra.get("set") or {}), out_dir=str(root / extra["name"]))))
-    seeds = spec.get("seeds") or []
-    if len(seeds) > 1:  # replicates: the same run once per seed (model init for scratch, data order for continual)
-        planned = [PlannedRun(seeded_name(r.name, s), dict(r.raw, seed=s, out_dir=str(root / seeded_name(r.name, s))))
-                   for r in planned for s in seeds]
-    elif seeds:
-        planned = [PlannedRun(r.name, dict(r.raw, seed=seeds[0])) for r in planned]
+        seeds_of[extra["name"]] = _check_seeds(extra.get("seeds"), f"`seeds` of run `{extra['name']}`") or top_seeds
+    replicated: list[PlannedRun] = []
+    for r in planned:  # replicates: once per seed (the model init for scratch runs, the data order for continual)
+        seeds = seeds_of[r.name]
+        if len(seeds) > 1:
+            replicated += [PlannedRun(seeded_name(r.name, s), dict(r.raw, seed=s, out_dir=str(root / seeded_name(r.name, s))))
+                           for s in seeds]
+        else:
+            replicated.append(PlannedRun(r.name, dict(r.raw, seed=seeds[0]) if seeds else r.raw))
+    planned = replicated
     names = [r.name for r in planned]
     dupes = {n for n in names if names.count(n) > 1}
     if dupes:
@@ -127,9 +133,21 @@ def seeded_name(name: str, seed: int) -> str:
     return f"{name}_seed{seed}"
 
 
-def roles_of(spec: dict):
-    """The sweep's `roles:` as findings.Roles, with every role expanded to its seed replicates
-    (the first seed's replicate plays the role; all of the reference's measure the noise)."""
+def _check_seeds(seeds, what: str) -> list[int]:
+    if seeds is None:
+        return []
+    if (not isinstance(seeds, list) or not seeds or len(set(seeds)) != len(seeds)
+            or not all(isinstance(x, int) and not isinstance(x, bool) and x >= 0 for x in seeds)):
+        raise UserError(f"{what} must be a list of distinct integers >= 0, e.g. [0, 1, 2]; got {seeds!r}.")
+    return seeds
+
+
+def roles_of(spec: dict, runs: list[PlannedRun]):
+    """The sweep's `roles:` as findings.Roles over the planned run names: a role whose run was
+    replicated (`<run>_seed<k>`) is played by its first replicate, and the reference's replicates
+    measure the seed noise."""
+    import re
+
     from rewarm.findings import Roles
 
     raw = spec.get("roles")
@@ -137,15 +155,25 @@ def roles_of(spec: dict):
         return None
     if not isinstance(raw, dict):
         raise UserError("sweep `roles:` must be a mapping, e.g. {reference: warmup1pct, constant: constant3e-5, ...}.")
-    seeds = spec.get("seeds") or []
     roles = Roles.from_dict(dict(raw))
-    if len(seeds) > 1:
-        first = lambda n: seeded_name(n, seeds[0]) if n else n  # noqa: E731
-        reference = roles.reference
-        roles = Roles(**{k: ([first(n) for n in v] if isinstance(v, list) else first(v) if k not in ("upstream", "downstream")
-                                else v) for k, v in roles.to_dict().items()})
-        roles.reference_seeds = [seeded_name(reference, s) for s in seeds]
-    return roles
+    names = [r.name for r in runs]
+
+    def replicas(name: str) -> list[str]:
+        return [n for n in names if n == name or re.fullmatch(re.escape(name) + r"_seed\d+", n)]
+
+    def play(name):
+        if name is None:
+            return None
+        found = replicas(name)
+        if not found:
+            raise UserError(f"sweep `roles:` names a run the sweep does not have: `{name}`.")
+        return found[0]
+
+    out = {k: ([play(n) for n in v] if isinstance(v, list) else play(v)) for k, v in roles.to_dict().items()
+           if k not in ("upstream", "downstream", "reference_seeds")}
+    reps = replicas(roles.reference)
+    out["reference_seeds"] = [play(n) for n in roles.reference_seeds] or (reps if len(reps) > 1 else [])
+    return Roles(**out, upstream=roles.upstream, downstream=roles.downstream)
 
 
 def write_configs(runs: list[PlannedRun], root: Path) -> list[Path]:
