@@ -28,7 +28,7 @@ def test_unknown_key_suggests_the_closest(tmp_path, shards):
     ("checkpoint.keep_last", 0, "`checkpoint.keep_last` must be >= 1"),
     ("eval.downstream.every", -2, "`eval.downstream.every` must be >= 0"),
     ("train.max_bad_steps", -1, "`train.max_bad_steps` must be >= 0"),
-    ("train.num_threads", -4, "`train.num_threads` must be >= 0"),
+    ("train.num_threads", -4, "`train.num_threads` must be in [0, 4,096]"),
     ("train.rollback_lr_factor", 0, "`train.rollback_lr_factor` must be in (0, 1]"),
     ("checkpoint.keep_steps", [3, -1], "`checkpoint.keep_steps` must be a list of step numbers"),
     ("schedule.name", "cosin", "did you mean `cosine`"),
@@ -133,7 +133,7 @@ def test_resume_without_checkpoint_and_with_config_drift(tmp_path, shards):
 def test_impossible_warmup_and_bad_weights():
     with pytest.raises(UserError, match="covers all 10 steps"):
         load_config(None, ["data.train=[{name: a, path: x}]", "model.preset=tiny", "train.max_steps=10", "schedule.warmup=10"])
-    with pytest.raises(UserError, match=r"`data.train\[0\].weight` must be >= 0"):
+    with pytest.raises(UserError, match=r"`data.train\[0\].weight` must be in \[0, 1,000,000\]"):
         load_config(None, ["data.train=[{name: a, path: x, weight: -1}]", "model.preset=tiny"])
     with pytest.raises(UserError, match="`schedule.max_lr` must be >= 0"):
         load_config(None, ["data.train=[{name: a, path: x}]", "model.preset=tiny", "schedule.max_lr=-1"])

@@ -157,7 +157,7 @@ def test_stale_temp_dirs_of_dead_writers_are_cleaned_and_live_ones_kept(tmp_path
     ("optimizer.eps", -1, "`optimizer.eps` must be > 0"),
     ("optimizer.betas", [0.9], "`optimizer.betas` must be two numbers in [0, 1)"),
     ("optimizer.betas", [1.5, 0.95], "`optimizer.betas` must be two numbers in [0, 1)"),
-    ("seed", -1, "`seed` must be in [0, 4.29497e+09]"),
+    ("seed", -1, "`seed` must be in [0, 4,294,967,295]"),
     ("seed", 12345678901234567890, "`seed` must be in [0"),
     ("schedule.max_lr", float("nan"), "`schedule.max_lr` must be >= 0"),
     ("schedule.decay_fraction", 1.5, "`schedule.decay_fraction` must be in [0, 1]"),
@@ -402,3 +402,123 @@ def test_any_value_of_any_field_is_accepted_or_refused_with_a_message(tmp_path_f
         assert all(0 <= b < 1 for b in cfg.optimizer.betas) and cfg.optimizer.eps > 0 and 0 <= cfg.seed < 2**32
 
     check()
+
+
+# --------------------------------------------------------------------------- found by a hostile new user (second pass)
+
+def test_outputs_never_replace_what_rewarm_did_not_write(tmp_path, shards, tokenizer_dir):
+    """`tokenizer train -o` used to delete a non-empty directory; `train` wrote over a folder holding a
+    user's own config.yaml / final/ without --overwrite."""
+    mine = tmp_path / "thesis"
+    mine.mkdir()
+    (mine / "thesis.tex").write_text("years of work")
+    src = str(tmp_path / "t.txt")
+    Path(src).write_text("def f(x):\n    return x\n" * 200)
+    assert_user_error(run_cli("tokenizer", "train", src, "-o", str(mine), "--vocab-size", "300"), "holds other files")
+    assert (mine / "thesis.tex").read_text() == "years of work"
+    assert_user_error(run_cli("tokenizer", "train", src, "-o", str(mine / "thesis.tex"), "--vocab-size", "300"), "is a file")
+    assert run_cli("tokenizer", "train", src, "-o", str(tmp_path / "tok"), "--vocab-size", "300").returncode == 0
+    assert run_cli("tokenizer", "train", src, "-o", str(tmp_path / "tok"), "--vocab-size", "320").returncode == 0  # a tokenizer: replaced
+    user = tmp_path / "project"
+    (user / "final").mkdir(parents=True)
+    (user / "final" / "model.bin").write_text("theirs")
+    (user / "config.yaml").write_text("# my notes\n")
+    cfg = small_run_config(user, shards, **SHORT)
+    assert_user_error(cli_train(tmp_path, cfg), "already holds a run")
+    assert_user_error(cli_train(tmp_path, cfg, "--overwrite"), "not a run directory rewarm made")
+    assert (user / "final" / "model.bin").read_text() == "theirs" and (user / "config.yaml").read_text() == "# my notes\n"
+
+
+def test_commit_sets_the_old_directory_aside_until_the_new_one_is_in_place(tmp_path, monkeypatch):
+    final = tmp_path / "out"
+    final.mkdir()
+    (final / "a").write_text("old")
+    tmp = atomic.temp_path(final)
+    tmp.mkdir()
+    (tmp / "a").write_text("new")
+    real = os.replace
+    calls = []
+
+    def crash_on_second(src, dst):
+        calls.append((Path(src).name, Path(dst).name))
+        if len(calls) == 2:
+            raise KeyboardInterrupt  # killed between setting the old aside and renaming the new in
+        return real(src, dst)
+    monkeypatch.setattr(atomic.os, "replace", crash_on_second)
+    with pytest.raises(KeyboardInterrupt):
+        atomic.commit(tmp, final)
+    aside = tmp_path / f".out.old-{os.getpid()}"
+    assert (aside / "a").read_text() == "old" and (tmp / "a").read_text() == "new"  # nothing lost
+    monkeypatch.setattr(atomic.os, "replace", real)
+    atomic.commit(tmp, final)
+    assert (final / "a").read_text() == "new" and (aside / "a").read_text() == "old"  # the old one, still recoverable
+
+
+def test_manifest_disk_full_removes_the_whole_partial_checkpoint(tmp_path, shards, monkeypatch):
+    cfg = small_run_config(tmp_path / "r", shards, **{"train.max_steps": 6, "checkpoint.interval": 3})
+    real_write_json = atomic.write_json
+
+    def full_at_second_manifest(path, obj):
+        if Path(path).name == "manifest.json" and obj.get("step") == 6:
+            raise OSError(28, "No space left on device")
+        return real_write_json(path, obj)
+    monkeypatch.setattr(checkpoint.atomic, "write_json", full_at_second_manifest)
+    proc = cli_train(tmp_path, cfg)
+    assert proc.returncode == 4 and "--resume" in proc.stderr, proc.stderr[-1500:]
+    assert not list((tmp_path / "r" / "checkpoints").glob(".step_*"))
+
+
+@pytest.mark.parametrize("text, needle", [
+    ("? [a, b]\n: 1\n", "a key must be a name"),
+    ("{a: 1}: 2\n", "a key must be a name"),
+])
+def test_odd_yaml_keys_and_encodings(tmp_path, text, needle):
+    (tmp_path / "c.yaml").write_text(text)
+    assert_user_error(run_cli("train", str(tmp_path / "c.yaml"), "-q"), needle)
+    (tmp_path / "latin.yaml").write_bytes("seed: 0 # caf\xe9\n".encode("latin-1"))
+    assert_user_error(run_cli("train", str(tmp_path / "latin.yaml"), "-q"), "not UTF-8 text")
+
+
+def test_yaml_merge_keys_are_valid_yaml(tmp_path, shards):
+    import yaml
+
+    cfg = small_run_config(tmp_path / "r", shards, **SHORT)
+    train_block = cfg.pop("train")
+    text = "defaults: &d\n" + "".join(f"  {k}: {v}\n" for k, v in train_block.items()) + "train:\n  <<: *d\n  max_steps: 3\n"
+    text = text.replace("defaults: &d", "x-defaults: &d")
+    (tmp_path / "c.yaml").write_text(yaml.safe_dump(cfg) + text)
+    proc = run_cli("train", str(tmp_path / "c.yaml"), "-q")
+    assert "not valid YAML" not in proc.stderr and "unknown config key `x-defaults`" in proc.stderr
+
+
+@pytest.mark.parametrize("overrides, needle", [
+    ({"num_attention_heads": 3}, "does not build or run"),
+    ({"hidden_size": -1}, "does not build or run"),
+])
+def test_model_overrides_that_cannot_run_fail_before_anything_is_written(tmp_path, shards, overrides, needle):
+    cfg = small_run_config(tmp_path / "r", shards, **SHORT)
+    cfg["model"]["overrides"].update(overrides)
+    assert_user_error(cli_train(tmp_path, cfg), needle, "model.overrides")
+    assert not (tmp_path / "r").exists()
+
+
+def test_resume_with_a_changed_config_of_a_finished_run_is_refused(tmp_path, shards):
+    cfg = small_run_config(tmp_path / "r", shards, **SHORT)
+    assert cli_train(tmp_path, cfg).returncode == 0
+    assert_user_error(cli_train(tmp_path, cfg, "--resume", "--set", "train.max_steps=9"), "already finished",
+                      "cannot be extended", "init: weights")
+
+
+def test_lone_surrogates_and_bad_meta_fields(tmp_path, tokenizer_dir, shards):
+    from rewarm.data.prepare import prepare
+
+    (tmp_path / "d.jsonl").write_text('{"text": "fine text here"}\n{"text": "abc \\ud800"}\n{"text": "more fine text"}\n')
+    meta = prepare([str(tmp_path / "d.jsonl")], str(tokenizer_dir), tmp_path / "o", val_fraction=0.0, progress=False)
+    assert meta["skipped"]["non_utf8"] == 1 and meta["train"]["documents"] == 2
+    bad = shutil.copytree(shards["downstream"], tmp_path / "bad")
+    m = json.loads((bad / "meta.json").read_text())
+    m["max_token_id"] = "5"
+    (bad / "meta.json").write_text(json.dumps(m))
+    cfg = small_run_config(tmp_path / "r", shards, **SHORT)
+    cfg["data"]["train"][0]["path"] = str(bad)
+    assert_user_error(cli_train(tmp_path, cfg), "`max_token_id` must be an integer")

@@ -42,12 +42,15 @@ def commit(tmp: str | Path, final: str | Path) -> Path:
     is fsynced first, an older `final` directory is removed, and the parent directory is
     fsynced after the rename so the new name survives a power cut."""
     tmp, final = Path(tmp), Path(final)
+    old = None
     if tmp.is_dir():
         for p in tmp.rglob("*"):
             if p.is_file():
                 _fsync_path(p)
-        if final.is_dir():
-            shutil.rmtree(final)
+        if final.is_dir():  # a directory cannot be renamed over a full one: set the old one aside first
+            old = final.with_name(f".{final.name}.old-{os.getpid()}")
+            shutil.rmtree(old, ignore_errors=True)
+            os.replace(final, old)
     else:
         _fsync_path(tmp)
     os.replace(tmp, final)
@@ -55,6 +58,8 @@ def commit(tmp: str | Path, final: str | Path) -> Path:
         _fsync_path(final.parent)
     except OSError:  # some filesystems refuse to fsync a directory; the rename itself is atomic
         pass
+    if old is not None:
+        shutil.rmtree(old, ignore_errors=True)
     return final
 
 
@@ -93,7 +98,9 @@ def remove(path: Path) -> None:
 def fail_if_disk_full(exc: BaseException, partial: Path, what: str, hint: str = "") -> None:
     """After a failed write: remove the partial `partial`, and if the disk is full raise DiskFull
     (exit 4) saying so; otherwise return and let the caller re-raise the original error."""
-    full = not isinstance(exc, RewarmError) and is_disk_full(exc, partial)
+    # with no word of it in the message, a nearly full disk explains only write errors, not e.g. a bug
+    writeish = isinstance(exc, (OSError, RuntimeError)) or "Safetensor" in type(exc).__name__
+    full = not isinstance(exc, RewarmError) and is_disk_full(exc, partial if writeish else None)
     remove(partial)
     if full:
         raise DiskFull(f"disk full while writing {what}; the partial write was removed. Free space, then run the "
@@ -108,14 +115,17 @@ def require_free(directory: Path, need: int, what: str, hint: str = "") -> None:
                        f"{free / 1e6:.1f} MB free. Free space{hint}.")
 
 
-def remove_stale_temps(directory: Path, pattern: str = ".*.tmp-*") -> None:
-    """Delete temporary files/dirs left in `directory` by writers that are no longer running
-    (never a live process's: its pid is in the name)."""
+def remove_stale_temps(directory: Path, pattern: str | None = None) -> None:
+    """Delete temporary files/dirs (`.X.tmp-PID`, and `.X.old-PID` set aside by `commit`) left in
+    `directory` by writers that are no longer running (never a live process's: its pid is in the name)."""
+    import itertools
+
     from rewarm.rundir import pid_alive
 
     if not directory.is_dir():
         return
-    for p in directory.glob(pattern):
+    found = directory.glob(pattern) if pattern else itertools.chain(directory.glob(".*.tmp-*"), directory.glob(".*.old-*"))
+    for p in list(found):
         pid = p.name.rsplit("-", 1)[-1]
         if pid.isdigit() and not pid_alive(int(pid)):
             remove(p)

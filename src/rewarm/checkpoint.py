@@ -68,13 +68,13 @@ def save(root: Path, model: torch.nn.Module, tokenizer, state: TrainerState, sta
         if tokenizer is not None:
             tokenizer.save_pretrained(tmp)
         torch.save(state.to_dict(), tmp / TRAINER_STATE)
+        files = sorted(p for p in tmp.iterdir() if p.is_file())
+        manifest = {"step": step, "files": {p.name: {"size": p.stat().st_size, "sha256": _sha256(p)} for p in files}}
+        atomic.write_json(tmp / MANIFEST, manifest)
     except Exception as exc:  # ENOSPC arrives as OSError, torch's RuntimeError or safetensors' own error
         atomic.fail_if_disk_full(exc, tmp, f"checkpoint step {step} in {root}",
                                  " with --resume (earlier checkpoints are intact)")
         raise
-    files = sorted(p for p in tmp.iterdir() if p.is_file())
-    manifest = {"step": step, "files": {p.name: {"size": p.stat().st_size, "sha256": _sha256(p)} for p in files}}
-    atomic.write_json(tmp / MANIFEST, manifest)
     return atomic.commit(tmp, final)
 
 

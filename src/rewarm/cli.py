@@ -98,7 +98,10 @@ def _cmd_eval(args: argparse.Namespace) -> int:
         raise UserError(f"--seq-len {args.seq_len} exceeds the model's max positions ({max_pos}). Lower --seq-len.")
     tok = load_tokenizer(args.tokenizer or args.checkpoint)
     sets = []
-    for name, path in _parse_named(args.data, "--data"):
+    named = _parse_named(args.data, "--data")
+    if len({n for n, _ in named}) != len(named):
+        raise UserError(f"--data names must be unique, got {[n for n, _ in named]}.")
+    for name, path in named:
         shards = TokenShards(path)
         shards.check_compatible(fingerprint(tok), model.config.vocab_size, name)
         sets.append(EvalSet.from_shards(name, shards, args.seq_len, args.eval_tokens))
@@ -156,9 +159,15 @@ def _cmd_downstream(args: argparse.Namespace) -> int:
         raise UserError("--tasks is empty: name at least one task, e.g. --tasks hellaswag,arc_easy (`rewarm tasks list`).")
     if args.limit is not None and args.limit < 1:
         raise UserError(f"--limit must be a positive number of samples per task, got {args.limit}.")
+    if args.batch < 1 or args.num_fewshot < 0 or (args.max_length is not None and args.max_length < 1):
+        raise UserError(f"--batch must be >= 1, --num-fewshot >= 0 and --max-length >= 1; got {args.batch}, "
+                        f"{args.num_fewshot}, {args.max_length}.")
     check_names(names)  # a typo or missing data fails before the model is loaded
     context = run_context(Path(args.model_dir))  # read before scoring: a live run may prune this checkpoint
     model = load_pretrained(args.model_dir)
+    max_pos = getattr(model.config, "max_position_embeddings", None)
+    if args.max_length is not None and max_pos is not None and args.max_length > max_pos:
+        raise UserError(f"--max-length {args.max_length} exceeds the model's max positions ({max_pos}).")
     tok = load_tokenizer(args.tokenizer or args.model_dir)
     device = torch.device("cuda" if torch.cuda.is_available() and not args.cpu else "cpu")
     model.to(device)
@@ -403,3 +412,6 @@ def main(argv: list[str] | None = None) -> int:
     except RewarmError as exc:  # diverged, disk full, pre-empted: a message and its own exit code
         print(str(exc), file=sys.stderr)
         return exc.exit_code
+    except KeyboardInterrupt:  # a second Ctrl-C: abort now (the last checkpoint stands)
+        print("aborted (interrupted twice); the newest intact checkpoint is what --resume will use", file=sys.stderr)
+        return 130

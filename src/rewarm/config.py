@@ -185,9 +185,12 @@ class Range:
         return self.hi is None or (x < self.hi if self.hi_open else x <= self.hi)
 
     def __str__(self) -> str:
+        def num(x: float) -> str:
+            return f"{int(x):,}" if float(x).is_integer() else f"{x:g}"
+
         if self.hi is None:
-            return f"{'>' if self.lo_open else '>='} {self.lo:g}"
-        return f"in {'(' if self.lo_open else '['}{self.lo:g}, {self.hi:g}{')' if self.hi_open else ']'}"
+            return f"{'>' if self.lo_open else '>='} {num(self.lo)}"
+        return f"in {'(' if self.lo_open else '['}{num(self.lo)}, {num(self.hi)}{')' if self.hi_open else ']'}"
 
 
 AT_LEAST_0, AT_LEAST_1, FRACTION = Range(0), Range(1), Range(0, 1)
@@ -195,15 +198,15 @@ AT_LEAST_0, AT_LEAST_1, FRACTION = Range(0), Range(1), Range(0, 1)
 # Every numeric key's valid values, in one place (a test checks that no numeric key is missing).
 RANGES: dict[str, Range] = {
     "seed": Range(0, 2**32 - 1),
-    "model.vocab_size": AT_LEAST_1,
-    "data.train.weight": AT_LEAST_0,
+    "model.vocab_size": Range(1, 1 << 24),
+    "data.train.weight": Range(0, 1e6),
     "schedule.max_lr": AT_LEAST_0, "schedule.min_lr": AT_LEAST_0, "schedule.warmup": AT_LEAST_0,
     "schedule.warmup_start_lr": AT_LEAST_0, "schedule.decay_fraction": FRACTION, "schedule.const_lr": AT_LEAST_0,
     "schedule.cooldown_fraction": FRACTION, "schedule.constant_fraction": FRACTION,
     "schedule.timescale": Range(0, lo_open=True), "schedule.num_cycles": AT_LEAST_1,
     "optimizer.eps": Range(0, lo_open=True), "optimizer.weight_decay": AT_LEAST_0, "optimizer.grad_clip": AT_LEAST_0,
-    "train.seq_len": AT_LEAST_1, "train.global_batch": AT_LEAST_1, "train.micro_batch": AT_LEAST_1,
-    "train.max_steps": AT_LEAST_1, "train.log_interval": AT_LEAST_1, "train.num_threads": AT_LEAST_0,
+    "train.seq_len": Range(1, 1 << 20), "train.global_batch": Range(1, 1 << 20), "train.micro_batch": Range(1, 1 << 20),
+    "train.max_steps": Range(1, 1e12), "train.log_interval": AT_LEAST_1, "train.num_threads": Range(0, 4096),
     "train.max_bad_steps": AT_LEAST_0, "train.rollback_lr_factor": Range(0, 1, lo_open=True),
     "eval.interval": AT_LEAST_1, "eval.interval_warmup": AT_LEAST_0, "eval.dense_until": AT_LEAST_0,
     "eval.tokens": AT_LEAST_1, "eval.batch": AT_LEAST_1,
@@ -347,12 +350,17 @@ class _UniqueKeyLoader(yaml.SafeLoader):
 
 def _unique_mapping(loader: yaml.SafeLoader, node: yaml.MappingNode, deep: bool = False) -> dict:
     seen: dict = {}
-    for key_node, _ in node.value:
+    for key_node, _ in node.value:  # the keys written here; a merge (`<<: *base`) may be overridden on purpose
+        if key_node.tag == "tag:yaml.org,2002:merge":
+            continue
         key = loader.construct_object(key_node, deep=deep)
+        if not isinstance(key, (str, int, float, bool)) and key is not None:
+            raise UserError(f"line {key_node.start_mark.line + 1}: a key must be a name, got {key!r}.")
         if key in seen:
             raise UserError(f"`{key}` is given twice in the same mapping (lines {seen[key] + 1} and "
                             f"{key_node.start_mark.line + 1}); YAML would silently keep only the second. Merge them.")
         seen[key] = key_node.start_mark.line
+    loader.flatten_mapping(node)
     return loader.construct_mapping(node, deep=deep)
 
 
@@ -365,6 +373,8 @@ def read_yaml(path: Path) -> Any:
         return yaml.load(path.read_text(encoding="utf-8"), Loader=_UniqueKeyLoader)
     except yaml.YAMLError as exc:
         raise UserError(f"{path} is not valid YAML: {exc}") from None
+    except UnicodeDecodeError as exc:
+        raise UserError(f"{path} is not UTF-8 text ({exc.reason} at byte {exc.start}): is it a YAML file?") from None
     except UserError as exc:
         raise UserError(f"{path}: {exc}") from None
 
@@ -449,6 +459,10 @@ def validate(cfg: RunConfig) -> None:
     names = [src.name for src in cfg.data.train]
     if len(set(names)) != len(names):
         raise UserError(f"`data.train` source names must be unique, got {names}.")
+    for kind, items in (("train", cfg.data.train), ("eval", cfg.data.eval)):
+        for i, item in enumerate(items):
+            if not item.path.strip():
+                raise UserError(f"`data.{kind}[{i}].path` is empty: give the directory `rewarm prepare` wrote.")
     weights = [src.weight for src in cfg.data.train]
     if weights and sum(weights) <= 0:
         raise UserError(f"`data.train` weights must sum to > 0, got {weights}.")

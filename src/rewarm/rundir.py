@@ -31,7 +31,8 @@ class RunDir:
         return f"RunDir({str(self.path)!r})"
 
     def has_started(self) -> bool:
-        return self.metrics.exists() or self.checkpoints.exists()
+        """Anything here that a run would write (a user's own config.yaml or final/ counts too)."""
+        return any(p.exists() for p in (self.metrics, self.checkpoints, self.config, self.summary, self.final))
 
     def is_run(self) -> bool:
         """A directory rewarm made (its marker, or a metrics log that opens with a start event)."""
@@ -41,7 +42,11 @@ class RunDir:
         return bool(first and first.get("event") == "start")
 
     def is_finished(self) -> bool:
-        return self.summary.is_file()
+        """summary.json is there and is one rewarm wrote at the end of a run."""
+        try:
+            return json.loads(self.summary.read_text()).get("status") == "completed"
+        except (OSError, ValueError, AttributeError):
+            return False
 
     def acquire_lock(self) -> None:
         """One process per run directory, for the life of the run: an exclusive `flock` on `.lock`
@@ -72,8 +77,15 @@ class RunDir:
         previous = _read_pid(self.lock)
         if previous and previous != os.getpid():
             log.warning("taking over stale lock left by process %d (no longer running) on %s", previous, self.path)
-        os.ftruncate(fd, 0)
-        os.write(fd, str(os.getpid()).encode())
+        try:
+            os.ftruncate(fd, 0)
+            os.write(fd, str(os.getpid()).encode())
+        except OSError as exc:
+            self.lock.unlink(missing_ok=True)
+            os.close(fd)
+            if atomic.is_disk_full(exc):
+                raise DiskFull(f"disk full: cannot even write the lock file of {self.path}. Free space, then start again.") from None
+            raise UserError(f"cannot write the run directory {self.path}: {exc.strerror or exc}.") from None
         self._lock_fd = fd
 
     def lock_holder(self) -> int | None:

@@ -135,6 +135,28 @@ def _check_drift(saved: dict, current: dict, allow: bool, device: torch.device) 
         log.warning("resuming with a changed config (allowed):\n%s", "\n".join(diff))
 
 
+def check_unchanged(cfg: RunConfig, run: RunDir) -> None:
+    """`--resume` of a finished run with a config that would change it: say that it cannot."""
+    saved = read_yaml(run.config) if run.config.is_file() else None
+    if isinstance(saved, dict):
+        try:
+            _check_drift(saved, to_dict(cfg), False, _resolve_device(cfg.train.device))
+        except UserError as exc:
+            raise UserError(f"{run.path} already finished; a finished run cannot be extended or changed by --resume. "
+                            f"Start a new run from its weights instead (init: weights, model.path: {run.final}).\n"
+                            f"{exc}") from None
+
+
+def _smoke_forward(model: torch.nn.Module, device: torch.device) -> None:
+    """Two tokens through the model, without touching the RNG or the train/eval mode: shapes that
+    do not fit (e.g. heads that do not divide the width) fail now, not after files are written."""
+    was_training = model.training
+    model.eval()
+    with torch.no_grad(), torch.random.fork_rng(devices=[]):
+        model(input_ids=torch.zeros(1, 2, dtype=torch.long, device=device), use_cache=False)
+    model.train(was_training)
+
+
 def _param_groups(model: torch.nn.Module, weight_decay: float) -> list[dict]:
     """Decay matrices (and embeddings); never biases or norm weights (1-D tensors)."""
     decay = [p for p in model.parameters() if p.requires_grad and p.dim() >= 2]
@@ -212,19 +234,25 @@ def start_run(cfg: RunConfig, run: RunDir, d: Dist, *, overwrite: bool = False, 
     tokenizer = load_tokenizer(tok_src, revision=cfg.model.revision if tok_src == cfg.model.path else None)
     tok_fp = fingerprint(tokenizer)
 
-    # ---- model
-    if cfg.init == "scratch":
-        hf_config = build_config(cfg.model.preset, cfg.model.path, cfg.model.overrides, len(tokenizer),
-                                 cfg.model.vocab_size, tokenizer.eos_token_id)
-        model = init_scratch(hf_config, cfg.seed)
-        origin = f"preset {cfg.model.preset}" if cfg.model.preset else f"config of {cfg.model.path}"
-    else:
-        path = str(resume_from) if resume_from else cfg.model.path
-        revision = None if resume_from else cfg.model.revision
-        model = load_pretrained(path, revision, cfg.model.overrides, cfg.model.trust_remote_code)
-        check_vocab(model.config.vocab_size, len(tokenizer))
-        origin = path + (f"@{revision}" if revision else "")
-    model.to(device)
+    # ---- model (a config that cannot build or run a forward fails here, before anything is written)
+    try:
+        if cfg.init == "scratch":
+            hf_config = build_config(cfg.model.preset, cfg.model.path, cfg.model.overrides, len(tokenizer),
+                                     cfg.model.vocab_size, tokenizer.eos_token_id)
+            model = init_scratch(hf_config, cfg.seed)
+            origin = f"preset {cfg.model.preset}" if cfg.model.preset else f"config of {cfg.model.path}"
+        else:
+            path = str(resume_from) if resume_from else cfg.model.path
+            revision = None if resume_from else cfg.model.revision
+            model = load_pretrained(path, revision, cfg.model.overrides, cfg.model.trust_remote_code)
+            check_vocab(model.config.vocab_size, len(tokenizer))
+            origin = path + (f"@{revision}" if revision else "")
+        model.to(device)
+        _smoke_forward(model, device)
+    except (RuntimeError, ValueError, TypeError, AssertionError) as exc:
+        raise UserError(f"the model does not build or run with this config ({type(exc).__name__}: "
+                        f"{str(exc).splitlines()[0] if str(exc) else ''}). Check `model.overrides` "
+                        f"({cfg.model.overrides or 'none'}) and `model.vocab_size`.") from None
     raw_model = model
     vocab = model.config.vocab_size
     max_pos = getattr(model.config, "max_position_embeddings", None)

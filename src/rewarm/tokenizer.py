@@ -21,6 +21,15 @@ log = logging.getLogger(__name__)
 EOS_TOKEN = "<|endoftext|>"
 
 
+def check_output_dir(out: Path) -> None:
+    """A tokenizer replaces only a tokenizer: never a file, nor a directory holding anything else."""
+    if out.exists() and not out.is_dir():
+        raise UserError(f"-o {out} is a file, not a directory. Choose a directory for the tokenizer.")
+    if out.is_dir() and any(out.iterdir()) and not (out / "tokenizer.json").is_file():
+        raise UserError(f"-o {out} is a directory that holds other files (no tokenizer.json): rewarm will not "
+                        f"replace it. Choose a new or empty directory.")
+
+
 def train_tokenizer(texts: Iterable[str], vocab_size: int, out_dir: str | Path, min_frequency: int = 2) -> Path:
     """Train a byte-level BPE on `texts` and save a PreTrainedTokenizerFast directory.
 
@@ -30,8 +39,9 @@ def train_tokenizer(texts: Iterable[str], vocab_size: int, out_dir: str | Path, 
     from tokenizers import Tokenizer, decoders, models, pre_tokenizers, processors, trainers
     from transformers import PreTrainedTokenizerFast
 
-    if vocab_size < 256 + 1:
-        raise UserError(f"--vocab-size must be at least 257 (256 bytes + end-of-text), got {vocab_size}.")
+    if not 256 < vocab_size <= 1 << 24:
+        raise UserError(f"--vocab-size must be in [257, 16,777,216] (256 bytes + end-of-text at least), got {vocab_size}.")
+    check_output_dir(Path(out_dir))  # before the training, not after
     tok = Tokenizer(models.BPE())
     tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
     tok.decoder = decoders.ByteLevel()

@@ -21,12 +21,12 @@ from tqdm import tqdm
 
 from rewarm import atomic, checkpoint, distributed
 from rewarm.config import RunConfig, warmup_steps
-from rewarm.errors import Diverged, Preempted
+from rewarm.errors import DiskFull, Diverged, Preempted
 from rewarm.evaluate import evaluate
 from rewarm.fused_loss import autocast, head_and_backbone, lm_loss
 from rewarm.model import save_model
 from rewarm.rundir import MetricsWriter, RunDir
-from rewarm.start import RunState, start_run
+from rewarm.start import RunState, check_unchanged, start_run
 
 log = logging.getLogger(__name__)
 
@@ -36,6 +36,7 @@ def train(cfg: RunConfig, *, overwrite: bool = False, allow_config_change: bool 
     Under torchrun every rank calls this; only rank 0 writes to the run directory."""
     run = RunDir(cfg.out_dir)
     if cfg.init == "resume" and run.is_finished():
+        check_unchanged(cfg, run)  # a finished run is not extended by --resume --set train.max_steps=...
         log.warning("%s already finished (summary.json is there): nothing to resume, nothing changed", run.path)
         return run
     d = distributed.setup(_device_kind(cfg.train.device))
@@ -50,6 +51,8 @@ def train(cfg: RunConfig, *, overwrite: bool = False, allow_config_change: bool 
             try:
                 _loop(st.cfg, run, st, metrics, stop, progress and d.is_main)
                 _finish(run, st, metrics)
+            except DiskFull as exc:  # the way on is a resume, whichever file was being written
+                raise DiskFull(f"{exc} Resume with: rewarm train {run.config} --resume") from None
             finally:
                 metrics.close()
     finally:
@@ -110,7 +113,7 @@ def _loop(cfg: RunConfig, run: RunDir, st: RunState, metrics: MetricsWriter, sto
         if saved:
             _save_checkpoint(run, st)
         if d.any(stop.requested is not None, st.device) and not end:  # all ranks stop together
-            if not saved:
+            if not saved and bad_in_row == 0:  # inside a non-finite streak the last good checkpoint stands
                 _save_checkpoint(run, st)
             bar.close()
             signame = stop.requested or "a signal on another rank"

@@ -111,10 +111,13 @@ def prepare(
             return existing
         raise UserError(f"{out} already exists (prepared from other arguments). Pass --overwrite to replace it, or choose another output directory.")
 
-    out.parent.mkdir(parents=True, exist_ok=True)
     tmp = atomic.temp_path(out)
-    shutil.rmtree(tmp, ignore_errors=True)
-    tmp.mkdir(parents=True)
+    try:
+        out.parent.mkdir(parents=True, exist_ok=True)
+        shutil.rmtree(tmp, ignore_errors=True)
+        tmp.mkdir(parents=True)
+    except OSError as exc:
+        raise UserError(f"cannot write the output {out}: {exc.strerror or exc}. Choose a writable -o.") from None
     t0 = time.time()
     try:
         stats = ReadStats()

@@ -119,6 +119,11 @@ def check_meta(meta: object, where: Path) -> None:
         raise UserError(f"{where}: dtype `{meta['dtype']}` is not a token dtype rewarm writes (uint16, uint32). {redo}")
     if not isinstance(meta["tokenizer"].get("fingerprint"), str):
         raise UserError(f"{where} has no tokenizer fingerprint, so the tokenizer it was made with is unknown. {redo}")
+    for key in ("name", "path"):
+        if not isinstance(meta["tokenizer"].get(key), str):
+            raise UserError(f"{where}: `tokenizer.{key}` is missing or not text. {redo}")
+    if "max_token_id" in meta and (not isinstance(meta["max_token_id"], int) or isinstance(meta["max_token_id"], bool)):
+        raise UserError(f"{where}: `max_token_id` must be an integer, got {meta['max_token_id']!r}. {redo}")
     for split in ("train", "val"):
         if not isinstance(meta[split].get("tokens"), int):
             raise UserError(f"{where}: `{split}.tokens` is missing. {redo}")

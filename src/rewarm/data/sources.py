@@ -122,7 +122,15 @@ def _text(value, where: str, text_field: str, stats: ReadStats, strict: bool) ->
     """A record's text field if it is a string; null, numbers, lists and bytes are skipped with a
     count (never tokenized as their Python repr), or refused under --strict."""
     if isinstance(value, str):
-        return value
+        try:
+            value.encode("utf-8")  # JSON can carry lone surrogates (\\ud800) that no UTF-8 text holds
+            return value
+        except UnicodeEncodeError:
+            stats.skipped["non_utf8"] += 1
+            if strict:
+                raise UserError(f"{where}: field `{text_field}` holds a lone surrogate, which is not UTF-8 text. "
+                                f"Fix the record, or drop --strict to skip it with a count.") from None
+            return None
     stats.skipped["not_text"] += 1
     if strict:
         raise UserError(f"{where}: field `{text_field}` is {type(value).__name__} ({str(value)[:40]!r}), not text. "
