@@ -115,12 +115,21 @@ def require_free(directory: Path, need: int, what: str, hint: str = "") -> None:
                        f"{free / 1e6:.1f} MB free. Free space{hint}.")
 
 
+def pid_alive(pid: int) -> bool:
+    """Whether a process with this pid exists (a temp name's owner may still be writing)."""
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True
+
+
 def remove_stale_temps(directory: Path, pattern: str | None = None) -> None:
     """Delete temporary files/dirs (`.X.tmp-PID`, and `.X.old-PID` set aside by `commit`) left in
     `directory` by writers that are no longer running (never a live process's: its pid is in the name)."""
     import itertools
-
-    from rewarm.rundir import pid_alive
 
     if not directory.is_dir():
         return

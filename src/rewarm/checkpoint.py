@@ -138,13 +138,16 @@ def prune(root: Path, keep_last: int, keep_steps: set[int]) -> None:
     atomic.remove_stale_temps(root, ".step_*.tmp-*")  # interrupted writes, never a live writer's
 
 
-def restore(path: Path, state: TrainerState, model: torch.nn.Module, optimizer: torch.optim.Optimizer, d) -> None:
+def restore(path: Path, state: TrainerState, model: torch.nn.Module, optimizer: torch.optim.Optimizer, d,
+            weights: bool = True) -> None:
     """Back to a saved point, for resume and rollback alike: the checkpoint's weights into the
     live (maybe DDP/FSDP-wrapped) model, its optimizer moments, and its RNG states. The counters
-    (step, bad steps, LR scale) are the caller's to take from `state`: a rollback keeps its own."""
+    (step, bad steps, LR scale) are the caller's to take from `state`: a rollback keeps its own.
+    `weights=False` when the model was just built from `path` (resume): not read twice."""
     from rewarm import distributed
     from rewarm.model import load_pretrained
 
-    distributed.load_model_state(model, load_pretrained(str(path)).state_dict(), d)
+    if weights:
+        distributed.load_model_state(model, load_pretrained(str(path)).state_dict(), d)
     distributed.load_optimizer_state(model, optimizer, state.optimizer, d)
     restore_rng(state.rng)

@@ -131,16 +131,6 @@ def _read_pid(path: Path) -> int | None:
         return None
 
 
-def pid_alive(pid: int) -> bool:
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:
-        return True
-    return True
-
-
 def iter_metrics(path: Path) -> Iterator[dict]:
     """Events of a metrics.jsonl; a torn last line (killed mid-write) is ignored."""
     if not path.exists():

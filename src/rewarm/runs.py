@@ -32,7 +32,7 @@ class RunData:
         if not rd.metrics.exists():
             raise UserError(f"{rd.path} is not a run directory (no metrics.jsonl).")
         config = yaml.safe_load(rd.config.read_text()) if rd.config.exists() else {}
-        run = cls(name or rd.path.name, rd.path, config, finished=rd.summary.exists())
+        run = cls(name or rd.path.name, rd.path, config, finished=rd.is_finished())
         by_step: dict[int, tuple[int, dict]] = {}
         for e in iter_metrics(rd.metrics):
             if e.get("event") == "eval":

@@ -278,7 +278,7 @@ def start_run(cfg: RunConfig, run: RunDir, d: Dist, *, overwrite: bool = False, 
     state = TrainerState()
     optimizer_from = "fresh"
     if resume_from:
-        checkpoint.restore(resume_from, resume_state, model, opt, d)
+        checkpoint.restore(resume_from, resume_state, model, opt, d, weights=False)  # the model was built from it
         state = dataclasses.replace(resume_state, optimizer={}, rng={})  # live counters; snapshots are taken at save
         if d.is_main:
             run.truncate_metrics_after(state.step)

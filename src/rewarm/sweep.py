@@ -189,7 +189,7 @@ def write_configs(runs: list[PlannedRun], root: Path) -> list[Path]:
 
 def status(run: PlannedRun) -> str:
     rd = RunDir(run.out_dir)
-    if rd.summary.exists():
+    if rd.is_finished():
         return "done"
     if rd.checkpoints.exists() and any(rd.checkpoints.glob("step_*")):
         return "partial"

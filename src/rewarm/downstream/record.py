@@ -37,7 +37,9 @@ def record(model_dir: Path, results: dict[str, Any], settings: dict[str, Any], o
     """Write `out` (default MODEL_DIR/downstream.json) atomically; add the event to the run's log if
     the model belongs to a run that is not training right now (a live run owns its log).
     `ctx` is `run_context(model_dir)` taken before scoring: a live run may prune the checkpoint
-    meanwhile, and then the results go to the run directory instead of being lost."""
+    meanwhile, and then the results go to the run directory instead of being lost. Without it, the
+    context is read now."""
+    ctx = ctx if ctx is not None else run_context(model_dir)
     step, tokens = (ctx[1], ctx[2]) if ctx else (None, None)
     if out:
         out = Path(out)
