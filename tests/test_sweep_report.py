@@ -3,7 +3,7 @@
 import pytest
 import yaml
 
-from conftest import metrics, run_cli, small_run_config
+from conftest import assert_same_run, assert_user_error, metrics, run_cli, small_run_config
 from rewarm.errors import UserError
 from rewarm.runs import RunData
 from rewarm.sweep import expand, run_name
@@ -71,6 +71,53 @@ def test_sweep_runs_skips_resumes_and_continues_past_failures(tmp_path, shards):
     assert "skipped (already finished)" in second.stdout and "resumed and finished" in second.stdout
     strip = lambda evs: [e for e in evs if e["event"] in ("train", "eval")]  # noqa: E731
     assert strip(metrics(part)) == strip(before)
+
+
+def test_parallel_sweep_gives_the_numbers_of_a_sequential_one(tmp_path, shards):
+    path, spec = sweep_file(tmp_path, shards, extra_runs=[{"name": "broken", "set": {"data.eval": [{"name": "x", "path": str(tmp_path / "missing")}]}}])
+    spec["base"]["train"]["num_threads"] = 1
+    path.write_text(yaml.safe_dump(spec))
+    par = run_cli("sweep", str(path), "-q", "--jobs", "2")
+    assert par.returncode == 1 and "2 ok, 1 failed" in par.stdout, par.stdout + par.stderr[-2000:]
+    spec["out_dir"] = str(tmp_path / "seq")
+    path.write_text(yaml.safe_dump(spec))
+    seq = run_cli("sweep", str(path), "-q")
+    assert seq.returncode == 1
+    reason = lambda out: out.split("broken", 1)[1].splitlines()[0].strip()  # noqa: E731
+    assert reason(par.stdout) == reason(seq.stdout).replace(str(tmp_path / "seq"), str(tmp_path / "sweep"))
+    for name in ("maxlr0.001", "maxlr0.002"):
+        assert_same_run(tmp_path / "sweep" / name, tmp_path / "seq" / name)
+    assert "skipped (already finished)" in run_cli("sweep", str(path), "-q", "--jobs", "2").stdout
+    assert_user_error(run_cli("sweep", str(path), "--jobs", "0"), "--jobs must be at least 1")
+
+
+def test_parallel_sweep_stopped_by_sigterm_resumes_to_the_same_numbers(tmp_path, shards):
+    import signal
+    import subprocess
+    import sys
+    import time
+
+    path, spec = sweep_file(tmp_path, shards)
+    spec["base"]["train"].update(max_steps=16, num_threads=1)
+    spec["base"]["checkpoint"]["interval"] = 2
+    path.write_text(yaml.safe_dump(spec))
+    proc = subprocess.Popen([sys.executable, "-m", "rewarm", "sweep", str(path), "-q", "--jobs", "2"],
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    runs = [tmp_path / "sweep" / n for n in ("maxlr0.001", "maxlr0.002")]
+    deadline = time.time() + 120
+    while not all((r / "checkpoints" / "step_000002").exists() for r in runs) and time.time() < deadline:
+        time.sleep(0.1)
+    proc.send_signal(signal.SIGTERM)
+    out, err = proc.communicate(timeout=120)
+    assert proc.returncode == 143, (out, err[-2000:])
+    assert "resumes" in err and "Traceback" not in err
+    assert not any((r / "summary.json").exists() for r in runs)  # stopped mid-run, not after
+    assert run_cli("sweep", str(path), "-q", "--jobs", "2").returncode == 0
+    spec["out_dir"] = str(tmp_path / "seq")
+    path.write_text(yaml.safe_dump(spec))
+    assert run_cli("sweep", str(path), "-q").returncode == 0
+    for r in runs:
+        assert_same_run(r, tmp_path / "seq" / r.name)
 
 
 def parse_table(md: str) -> dict[str, dict[str, str]]:

@@ -239,7 +239,7 @@ def _cmd_sweep(args: argparse.Namespace) -> int:
             atomic.write_text(args.slurm_array, slurm_array(configs, spec.get("name", Path(args.sweep).stem)))
             print(f"wrote SLURM array script {args.slurm_array} ({len(configs)} tasks): sbatch {args.slurm_array}", file=sys.stderr)
         return 0
-    results = run_all(runs, not args.quiet)
+    results = run_all(runs, not args.quiet, jobs=args.jobs)
     failed = {k: v for k, v in results.items() if v.startswith("failed")}
     for name, what in results.items():
         print(f"{name:<32} {what}")
@@ -252,7 +252,8 @@ def _cmd_demo(args: argparse.Namespace) -> int:
 
     from rewarm.demo import run_demo
 
-    result = run_demo(Path(args.out), quick=args.quick, progress=not args.quiet, precision=args.precision)
+    result = run_demo(Path(args.out), quick=args.quick, progress=not args.quiet, precision=args.precision,
+                      jobs=args.jobs)
     print()
     print(result["findings_markdown"])
     print()
@@ -366,6 +367,9 @@ def build_parser() -> argparse.ArgumentParser:
     sw.add_argument("--print-commands", action="store_true", help="print one launch line per run (plain and torchrun)")
     sw.add_argument("--slurm-array", metavar="FILE", help="write a SLURM array script running the grid in parallel")
     sw.add_argument("--nproc", type=int, default=1, help="processes per run in printed torchrun lines")
+    sw.add_argument("-j", "--jobs", type=int, default=1,
+                    help="runs at a time, each a child process with cores/JOBS threads unless its config sets "
+                         "train.num_threads (small models on CPU: 2 jobs on 2 cores finish ~1.5x sooner)")
     sw.add_argument("-q", "--quiet", action="store_true")
     sw.set_defaults(func=_cmd_sweep)
 
@@ -387,6 +391,9 @@ def build_parser() -> argparse.ArgumentParser:
     dm.add_argument("-q", "--quiet", action="store_true", help="no progress bars")
     dm.add_argument("--precision", choices=("auto", "fp32", "bf16"), default="auto",
                     help="train.precision of every run (auto: bf16 on CPUs with bf16 units, else fp32)")
+    dm.add_argument("-j", "--jobs", type=int, default=None,
+                    help="continual runs at a time, one thread each (default: the number of cores, at most the "
+                         "number of runs); the runs' numbers do not depend on it")
     dm.set_defaults(func=_cmd_demo)
     return p
 

@@ -89,6 +89,7 @@ def plan(out: Path, size: dict, shards: dict[str, Path], precision: str = "auto"
     def continual(name: str, max_lr: float, warmup: float, **changes) -> PlannedRun:
         raw = _base(runs_dir / name, size, shards, C, "downstream", precision)
         raw.update(init="weights", model={"path": final})
+        raw["train"]["num_threads"] = 1  # the same numbers however many run side by side (threads change rounding)
         raw["schedule"] = {"name": "cosine", "max_lr": max_lr, "min_lr": max_lr / 10, "warmup": warmup}
         for key, value in changes.items():
             raw[key] = value
@@ -140,7 +141,15 @@ def plot_pretraining(run, out: Path) -> Path:
     return path
 
 
-def run_demo(out: Path, quick: bool = False, progress: bool = True, precision: str = "auto") -> dict:
+def default_jobs(n_runs: int) -> int:
+    """One single-thread continual run per core: small models leave a second thread half idle."""
+    import os
+
+    return max(1, min(os.cpu_count() or 1, n_runs))
+
+
+def run_demo(out: Path, quick: bool = False, progress: bool = True, precision: str = "auto",
+             jobs: int | None = None) -> dict:
     from rewarm.report import report
     from rewarm.runs import RunData, find_runs
 
@@ -151,7 +160,7 @@ def run_demo(out: Path, quick: bool = False, progress: bool = True, precision: s
     results = run_all([pretrain], progress=progress)
     if results["pretrain"].startswith("failed"):
         raise RuntimeError(f"pre-training failed: {results['pretrain']}")
-    results.update(run_all(runs, progress=progress))
+    results.update(run_all(runs, progress=progress, jobs=jobs or default_jobs(len(runs))))
     runs_dir = out / "runs"
     roles_file = F.write_roles(runs_dir, F.DEMO_ROLES)
     continual = [str(runs_dir / r.name) for r in runs if (runs_dir / r.name / "metrics.jsonl").exists()]

@@ -226,24 +226,37 @@ srun torchrun --standalone --nproc_per_node ${{SLURM_GPUS_ON_NODE:-1}} -m rewarm
 """
 
 
-def run_all(runs: list[PlannedRun], progress: bool = True) -> dict[str, str]:
-    """Run each planned run in this process; returns {name: done|skipped|failed: reason}."""
+def run_all(runs: list[PlannedRun], progress: bool = True, jobs: int = 1) -> dict[str, str]:
+    """Run each planned run (in this process, or `jobs` child processes at a time);
+    returns {name: finished|skipped|failed: reason}. A failed run does not stop the others."""
     from rewarm.errors import Preempted
     from rewarm.train import train
 
+    if jobs < 1:
+        raise UserError(f"--jobs must be at least 1, got {jobs}")
     results: dict[str, str] = {}
     bar = tqdm(total=len(runs), desc="sweep", unit="run", disable=not progress, position=0, dynamic_ncols=True)
+    states = {r.name: status(r) for r in runs}
     for r in runs:
-        bar.set_postfix_str(r.name)
-        state = status(r)
-        if state == "done":
+        if states[r.name] == "done":
             results[r.name] = "skipped (already finished)"
             bar.update(1)
-            continue
-        raw = dict(r.raw, init="resume") if state == "partial" else r.raw
+    todo = [r for r in runs if states[r.name] != "done"]
+    if jobs > 1 and len(todo) > 1:
+        from rewarm.launcher import run_parallel
+
         try:
-            train(config_from_dict(raw), overwrite=state == "todo", progress=progress)
-            results[r.name] = "resumed and finished" if state == "partial" else "finished"
+            results.update(run_parallel(todo, jobs, states, bar))
+        finally:
+            bar.close()
+        return {r.name: results[r.name] for r in runs if r.name in results}
+    for r in todo:
+        bar.set_postfix_str(r.name)
+        partial = states[r.name] == "partial"
+        raw = dict(r.raw, init="resume") if partial else r.raw
+        try:
+            train(config_from_dict(raw), overwrite=not partial, progress=progress)
+            results[r.name] = "resumed and finished" if partial else "finished"
         except Preempted:
             raise  # the machine is being taken away: stop the sweep, the run resumes next time
         except Exception as exc:  # divergence, a full disk, a bad path: this run failed, the others go on
@@ -251,4 +264,4 @@ def run_all(runs: list[PlannedRun], progress: bool = True) -> dict[str, str]:
             results[r.name] = f"failed: {str(exc).splitlines()[0] if str(exc) else type(exc).__name__}"
         bar.update(1)
     bar.close()
-    return results
+    return {r.name: results[r.name] for r in runs}
