@@ -7,6 +7,8 @@
 3. data preparation: `rewarm prepare` vs datasets.map(batched=True); peak RSS at 1x and 4x corpus
 4. evaluation throughput vs the bare loop's forward
 5. data-loader share of the training step
+6. a real pretrained LLM (SmolLM2-135M, `rewarm models install smollm2-135m`): rewarm vs bare loop
+   vs transformers.Trainer in fp32 and bf16, MFU; activation checkpointing at seq 2048 (peak RSS)
 
 Each number is the median over measured steps after warm-up. MFU = model FLOPs / measured
 dense-GEMM peak of this machine in the same precision, with model FLOPs per token =
@@ -302,9 +304,127 @@ def section_prepare_one_document(tmp, tok_dir, quick):
           ["document", "shape", "tokens", "tok/s", "peak RSS (MB)", "RSS vs 10 MB"], rows)
 
 
+def _real_windows(model_dir: str, tmp: str, seq: int, batch: int, n: int):
+    shards = Path(tmp) / "real_code"
+    if not (shards / "meta.json").exists():
+        prepare([str(f) for f in corpora.python_stdlib(limit_bytes=600_000)], model_dir, shards, val_fraction=0.05,
+                progress=False)
+    m = Mixture([Source("code", TokenShards(shards), 1.0)], seq, batch, 0)
+    return shards, [m.batch(i)[0] for i in range(n)]
+
+
+def _load(model_dir: str):
+    from rewarm.model import load_pretrained
+
+    return load_pretrained(model_dir)
+
+
+def _bare_real(model_dir, windows, precision):
+    model = _load(model_dir)
+    opt = torch.optim.AdamW(model.parameters(), lr=1e-5, foreach=True)
+    times = []
+    for x in map(torch.from_numpy, windows):
+        t = time.perf_counter()
+        ctx = torch.autocast("cpu", dtype=torch.bfloat16) if precision == "bf16" else torch.autocast("cpu", enabled=False)
+        with ctx:
+            logits = model(input_ids=x[:, :-1]).logits
+            loss = F.cross_entropy(logits.reshape(-1, logits.size(-1)).float(), x[:, 1:].reshape(-1))
+        loss.backward()
+        opt.step()
+        opt.zero_grad(set_to_none=True)
+        times.append(time.perf_counter() - t)
+    return windows[0].shape[0] * (windows[0].shape[1] - 1) / statistics.median(times[2:]), model
+
+
+def _hf_real(model_dir, windows, precision):
+    from datasets import Dataset
+    from transformers import Trainer, TrainerCallback, TrainingArguments
+
+    model = _load(model_dir)
+    rows = np.concatenate(windows)
+    ds = Dataset.from_dict({"input_ids": rows[:, :-1].tolist(), "labels": rows[:, :-1].tolist()})
+    times: list[float] = []
+
+    class Timer(TrainerCallback):
+        def on_step_begin(self, args, state, control, **kw):
+            self.t = time.perf_counter()
+
+        def on_step_end(self, args, state, control, **kw):
+            times.append(time.perf_counter() - self.t)
+
+    with tempfile.TemporaryDirectory() as out:
+        args = TrainingArguments(output_dir=out, per_device_train_batch_size=windows[0].shape[0], max_steps=len(windows),
+                                 learning_rate=1e-5, report_to=[], save_strategy="no", logging_strategy="no", use_cpu=True,
+                                 dataloader_num_workers=0, disable_tqdm=True, bf16=precision == "bf16")
+        Trainer(model=model, args=args, train_dataset=ds, callbacks=[Timer()]).train()
+    return windows[0].shape[0] * (windows[0].shape[1] - 1) / statistics.median(times[2:])
+
+
+def _rewarm_real(model_dir, shards, seq, batch, steps, tmp, precision, extra=None, subprocess_run=False):
+    raw = {
+        "out_dir": str(Path(tmp) / f"real_{seq}_{batch}_{precision}_{bool(extra)}"), "init": "weights",
+        "model": {"path": model_dir}, "data": {"train": [{"name": "code", "path": str(shards)}]},
+        "train": {"seq_len": seq, "global_batch": batch, "micro_batch": batch, "max_steps": steps, "precision": precision,
+                  **(extra or {})},
+        "schedule": {"name": "constant", "max_lr": 1e-5, "warmup": 0}, "eval": {"interval": 10**6},
+    }
+    if subprocess_run:  # peak RSS is a per-process high-water mark: one process per configuration
+        import yaml
+
+        cfg = Path(tmp) / f"{Path(raw['out_dir']).name}.yaml"
+        cfg.write_text(yaml.safe_dump(raw))
+        subprocess.run([sys.executable, "-m", "rewarm", "train", str(cfg), "-q", "--overwrite"], check=True,
+                       stdout=subprocess.DEVNULL)
+        rows = [json.loads(line) for line in (Path(raw["out_dir"]) / "metrics.jsonl").read_text().splitlines()]
+    else:
+        run = train(config_from_dict(raw), progress=False, overwrite=True)
+        rows = [json.loads(line) for line in run.metrics.read_text().splitlines()]
+    tps = [r["tokens_per_s"] for r in rows if r["event"] == "train"][2:]
+    end = [r for r in rows if r["event"] == "end"][-1]["summary"]
+    return statistics.median(tps), end.get("peak_rss_mb")
+
+
+def section_real(tmp, quick):
+    from rewarm.model_store import installed, models_dir
+
+    if "smollm2-135m" not in installed():
+        print(f"\n## 6. SmolLM2-135M\n\nskipped: not installed in {models_dir()} (rewarm models install smollm2-135m)")
+        return
+    model_dir = str(models_dir() / "smollm2-135m")
+    seq, batch, n = 256, 8, 4 if quick else 5
+    shards, windows = _real_windows(model_dir, tmp, seq, batch, n)
+    peak32, peak16 = gemm_peak(torch.float32), gemm_peak(torch.bfloat16, n=256, reps=1)
+    has_bf16 = peak16 > peak32 / 10
+    rows = []
+    for precision in ("fp32", "bf16") if has_bf16 else ("fp32",):
+        bare, model = _bare_real(model_dir, windows, precision)
+        fpt = flops_per_token(model, seq)
+        del model
+        ours, _ = _rewarm_real(model_dir, shards, seq, batch, n, tmp, precision)
+        hf = _hf_real(model_dir, windows, precision)
+        peak = peak32 if precision == "fp32" else gemm_peak(torch.bfloat16)
+        rows.append([precision, f"{bare:,.0f}", f"{ours:,.0f}", f"{hf:,.0f}", f"{ours / bare:.2f}", f"{ours / hf:.2f}",
+                     f"{100 * ours * fpt / peak:.1f}%"])
+    if not has_bf16:
+        rows.append(["bf16", "n/a", "n/a", "n/a", "n/a", "n/a",
+                     f"not measured: no bf16 units (bf16 GEMM {peak16 / 1e9:.1f} GFLOP/s vs fp32 {peak32 / 1e9:.0f})"])
+    table(f"6. SmolLM2-135M training, seq {seq} x batch {batch} (tokens/s; targets: >= 1.1x bare, >= 1.0x HF, "
+          f"MFU >= 60% of the fp32 GEMM peak {peak32 / 1e9:.0f} GFLOP/s)",
+          ["precision", "bare loop", "rewarm", "HF Trainer", "rewarm / bare", "rewarm / HF", "rewarm MFU"], rows)
+    if quick:
+        return
+    long_rows = []
+    for ac in (False, True):
+        tps, rss = _rewarm_real(model_dir, shards, 2048, 1, 4, tmp, "fp32", {"activation_checkpointing": ac}, True)
+        long_rows.append(["on" if ac else "off", f"{tps:,.0f}", f"{rss:,.0f}"])
+    table("6b. SmolLM2-135M at seq 2048 x batch 1, fp32: activation checkpointing (one process each)",
+          ["activation checkpointing", "tokens/s", "peak RSS (MB)"], long_rows)
+
+
 def main() -> None:
     p = argparse.ArgumentParser()
     p.add_argument("--quick", action="store_true", help="one shape, fewer steps (a smoke run)")
+    p.add_argument("--only", choices=("real",), help="run one section only")
     args = p.parse_args()
     import logging
 
@@ -316,6 +436,10 @@ def main() -> None:
     print(f"machine: {os.cpu_count()} CPUs, torch {torch.__version__}, {torch.get_num_threads()} threads")
     t0 = time.time()
     with tempfile.TemporaryDirectory() as tmp:
+        if args.only == "real":
+            section_real(tmp, args.quick)
+            print(f"\nbenchmarks finished in {time.time() - t0:.0f} s")
+            return
         stats = ReadStats()
         code = corpora.python_stdlib(limit_bytes=4_000_000)
         tok_dir = train_tokenizer(file_documents(code[: len(code) // 2], "text", stats), 8192, Path(tmp) / "tok")
@@ -324,6 +448,7 @@ def main() -> None:
         section_train(tmp, shards, len(load_tokenizer(str(tok_dir))), args.quick)
         section_prepare(tmp, tok_dir, args.quick)
         section_prepare_one_document(tmp, tok_dir, args.quick)
+        section_real(tmp, args.quick)
     print(f"\nbenchmarks finished in {time.time() - t0:.0f} s")
 
 

@@ -85,8 +85,8 @@ def test_demo_quick_end_to_end(tmp_path):
     result = json.loads((out / "demo_result.json").read_text())
     assert [f["id"] for f in result["findings"]] == ["a", "b", "c", "d", "e", "f", "s"]
     assert all(f["verdict"] in ("holds", "does not hold at this scale", "within noise") for f in result["findings"])
-    assert all("seed noise over 3 replicates" in f["detail"] for f in result["findings"])
-    assert len(result["runs"]) == 14 and not any(v.startswith("failed") for v in result["runs"].values())
+    assert all("seed noise over 4 replicates" in f["detail"] for f in result["findings"])
+    assert len(result["runs"]) == 15 and not any(v.startswith("failed") for v in result["runs"].values())
     md = (out / "report" / "report.md").read_text()
     assert "The papers' findings" in md and "| f |" in md and (out / "report" / "report.html").exists()
     # the replay finding's numbers come straight from the two runs' metrics

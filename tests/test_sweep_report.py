@@ -4,6 +4,7 @@ import pytest
 import yaml
 
 from conftest import assert_same_run, assert_user_error, metrics, run_cli, small_run_config
+from rewarm.config import config_from_dict, last_step
 from rewarm.errors import UserError
 from rewarm.runs import RunData
 from rewarm.sweep import expand, run_name
@@ -98,14 +99,15 @@ def test_parallel_sweep_stopped_by_sigterm_resumes_to_the_same_numbers(tmp_path,
     import time
 
     path, spec = sweep_file(tmp_path, shards)
-    spec["base"]["train"].update(max_steps=16, num_threads=1)
-    spec["base"]["checkpoint"]["interval"] = 2
+    spec["base"]["train"].update(max_steps=120, num_threads=1)
+    spec["base"]["checkpoint"]["interval"] = 10
+    spec["base"]["eval"].update(interval=40, interval_warmup=0)
     path.write_text(yaml.safe_dump(spec))
     proc = subprocess.Popen([sys.executable, "-m", "rewarm", "sweep", str(path), "-q", "--jobs", "2"],
                             stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
     runs = [tmp_path / "sweep" / n for n in ("maxlr0.001", "maxlr0.002")]
     deadline = time.time() + 120
-    while not all((r / "checkpoints" / "step_000002").exists() for r in runs) and time.time() < deadline:
+    while not all((r / "checkpoints" / "step_000010").exists() for r in runs) and time.time() < deadline:
         time.sleep(0.1)
     proc.send_signal(signal.SIGTERM)
     out, err = proc.communicate(timeout=120)
@@ -162,9 +164,18 @@ def test_report_numbers_match_metrics_jsonl(tmp_path, shards):
     assert page.count("data:image/png;base64,") == 2 and "maxlr0.004_maxsteps10" in page
     bad = run_cli("report", str(tmp_path / "nothing"), "-o", str(tmp_path / "rep"))
     assert bad.returncode == 2 and "does not exist" in bad.stderr
+    # Ibrahim et al.'s final loss: mean training loss over the last N steps (10 logged: N=11 has no value)
+    for n, expect in ((4, "mean"), (11, None)):
+        assert run_cli("report", str(sweep_dir), "-o", str(tmp_path / "rep"), "--final", f"mean_last_train:{n}").returncode == 0
+        cell = parse_table((tmp_path / "rep" / "report.md").read_text())["maxlr0.004_maxsteps10"][
+            f"train loss (mean of last {n} steps)"]
+        losses = [e["loss"] for e in metrics(sweep_dir / "maxlr0.004_maxsteps10", "train")]
+        assert cell == ("–" if expect is None else f"{sum(losses[-n:]) / n:.4f}")
+    assert_user_error(run_cli("report", str(sweep_dir), "-o", str(tmp_path / "rep"), "--final", "mean_last:5"),
+                      "mean_last_train:N")
 
 
-@pytest.mark.parametrize("name,count", [("gupta2023", 16), ("ibrahim2024", 11)])
+@pytest.mark.parametrize("name,count", [("gupta2023", 17), ("ibrahim2024", 11)])
 def test_paper_sweeps_expand_to_valid_runs(name, count):
     from pathlib import Path
 
@@ -179,11 +190,16 @@ def test_paper_sweeps_expand_to_valid_runs(name, count):
         assert by["warmup1pct"]["train"]["max_steps"] == 131297 and by["warmup1pct"]["train"]["precision"] == "fp16"
         assert by["pile_constant3e-5"]["train"]["max_steps"] == 22113
         assert by["from_step10000_warmup0pct"]["schedule"]["warmup"] == 0
+        assert by["warmup0pct"]["train"]["stop_at_tokens"] == 50_000_000_000 and "stop_at_tokens" not in by["warmup1pct"]["train"]
+        assert last_step(config_from_dict(dict(by["warmup2pct"], out_dir="x")).train) == 22115  # the first step whose tokens reach 50B: 22,115 x 2,260,992
     else:
         assert [s["weight"] for s in by["replay5pct"]["data"]["train"]] == [0.95, 0.05]
         assert by["infinite_invsqrt"]["schedule"]["cooldown_shape"] == "inv_sqrt"
         assert by["replay0pct"]["train"]["max_steps"] == 132366 and by["union_from_scratch"]["init"] == "scratch"
     from rewarm.sweep import roles_of
+
+    if name == "gupta2023":
+        assert roles_of(load_sweep(Path(__file__).parents[1] / "configs" / "paper" / "gupta2023.yaml"), runs).start_reference == "warmup1pct_50b"
 
     roles = roles_of(load_sweep(Path(__file__).parents[1] / "configs" / "paper" / f"{name}.yaml"), runs)
     assert roles is not None and all(n in by for n in [roles.reference, *roles.warmups, *roles.max_lrs] if n)

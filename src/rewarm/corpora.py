@@ -50,3 +50,27 @@ def python_stdlib(limit_bytes: int | None = None) -> list[Path]:
         if limit_bytes and total >= limit_bytes:
             break
     return files
+
+
+def wikipedia_passages(out_file: Path) -> Path:
+    """The Wikipedia passages of BoolQ's validation split (from `rewarm tasks install`), one JSONL
+    record each, duplicates dropped: modern encyclopedic English that the real-model study only
+    evaluates on (it is never trained on)."""
+    import json
+
+    from rewarm import atomic
+    from rewarm.downstream.tasks import tasks_dir
+
+    src = tasks_dir() / "hf_datasets" / "boolq" / "none" / "validation"
+    if not src.is_dir():
+        raise UserError(f"BoolQ's validation data is not in {tasks_dir()}: install the task data with "
+                        "`rewarm tasks install`.")
+    from datasets import load_from_disk
+
+    seen: set[str] = set()
+    lines = []
+    for passage in load_from_disk(str(src))["passage"]:
+        if passage not in seen:
+            seen.add(passage)
+            lines.append(json.dumps({"text": passage}))
+    return atomic.write_text(out_file, "\n".join(lines) + "\n")

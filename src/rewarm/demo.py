@@ -7,8 +7,8 @@ Python standard-library code. Steps:
    ~19% and 100% of training (Pythia's step 10k / 27k / 143k of 143k);
 3. continue on downstream from the final checkpoint: warmup {0, 2, 4, 8} steps at the middle max
    LR (the paper's 0 / 0.5 / 1 / 2 % in shape; distinct, unlike percentages of 80 steps); max LR
-   {low, mid, high} (0.5 : 1 : 2) at 4 warmup steps; the reference (mid, 4 steps) twice more with
-   other seeds (data order) for the seed noise; constant LR at the pre-training min LR; 5% replay
+   {low, mid, high} (0.5 : 1 : 2) at 4 warmup steps; the reference (mid, 4 steps) three more times
+   with other seeds (data order) for the seed noise; constant LR at the pre-training min LR; 5% replay
    of upstream; the 7% and 19% checkpoints; and from scratch — min LR = 0.1 x max LR throughout;
 4. write the report and print the findings table computed from these runs' numbers, each verdict
    judged against the seed noise (docs/findings.md).
@@ -58,7 +58,8 @@ def build_data(out: Path, size: dict, progress: bool) -> dict[str, Path]:
     return shards
 
 
-def _base(out_dir: Path, size: dict, shards: dict[str, Path], steps: int, train_on: str, precision: str = "auto") -> dict:
+def _base(out_dir: Path, size: dict, shards: dict[str, Path], steps: int, train_on: str, precision: str = "auto",
+          evals: int = 6) -> dict:
     return {
         "out_dir": str(out_dir),
         "seed": 0,
@@ -67,7 +68,7 @@ def _base(out_dir: Path, size: dict, shards: dict[str, Path], steps: int, train_
                  "eval": [{"name": n, "path": str(p)} for n, p in shards.items()]},
         "train": {"seq_len": size["seq_len"], "global_batch": size["batch"], "micro_batch": size["batch"], "max_steps": steps,
                   "precision": precision},
-        "eval": {"interval": max(steps // 6, 1), "interval_warmup": max(steps // 40, 1), "dense_until": 0.1,
+        "eval": {"interval": max(steps // evals, 1), "interval_warmup": max(steps // 40, 1), "dense_until": 0.1,
                  "tokens": size["eval_tokens"], "batch": 16},
         "checkpoint": {"interval": 0, "keep_last": 1},
     }
@@ -87,7 +88,8 @@ def plan(out: Path, size: dict, shards: dict[str, Path], precision: str = "auto"
     final = str(runs_dir / "pretrain" / "final")
 
     def continual(name: str, max_lr: float, warmup: float, **changes) -> PlannedRun:
-        raw = _base(runs_dir / name, size, shards, C, "downstream", precision)
+        # 4 regular evals + the dense ones over the first 10% (where re-warming spikes)
+        raw = _base(runs_dir / name, size, shards, C, "downstream", precision, evals=4)
         raw.update(init="weights", model={"path": final})
         raw["train"]["num_threads"] = 1  # the same numbers however many run side by side (threads change rounding)
         raw["schedule"] = {"name": "cosine", "max_lr": max_lr, "min_lr": max_lr / 10, "warmup": warmup}

@@ -32,6 +32,7 @@ class Roles:
     constant: str | None = None  # constant LR at the pre-training minimum
     replay: str | None = None  # the reference setting with a few % replay of upstream data
     early_starts: list[str] = field(default_factory=list)  # the reference setting from earlier checkpoints, earliest first
+    start_reference: str | None = None  # the final-checkpoint run early_starts are compared with (default: reference)
     scratch: str | None = None  # random init, the same tokens
     reference_seeds: list[str] = field(default_factory=list)  # replicates of the reference (incl. itself)
     upstream: str = "upstream"  # eval-set names
@@ -63,7 +64,7 @@ DEMO_ROLES = Roles(
     replay="replay5pct",
     early_starts=["from_ckpt7pct", "from_ckpt19pct"],
     scratch="scratch",
-    reference_seeds=["lr_mid_warmup4", "lr_mid_warmup4_seed1", "lr_mid_warmup4_seed2"],
+    reference_seeds=["lr_mid_warmup4", "lr_mid_warmup4_seed1", "lr_mid_warmup4_seed2", "lr_mid_warmup4_seed3"],
 )
 
 
@@ -192,16 +193,18 @@ def compute(runs: dict[str, RunData], roles: Roles = DEMO_ROLES) -> list[Finding
 
     add("d", "Re-warmed continual runs beat training from scratch (Gupta §4.2)", [roles.scratch] + rewarmed, d)
 
+    start_ref = roles.start_reference or roles.reference
+
     def e():
-        starts = roles.early_starts + [roles.reference]
-        ref = R(roles.reference)
+        starts = roles.early_starts + [start_ref]
+        ref = R(start_ref)
         mean = lambda r: (r.final(up_name) + r.final(down_name)) / 2  # noqa: E731
         strict = [(R(n).final(down_name) - ref.final(down_name), nd) for n in roles.early_starts]
         strict += [(mean(R(n)) - mean(ref), noise.mean) for n in roles.early_starts]
         return judge(strict), ("final downstream " + ", ".join(f"{n} {_f(R(n).final(down_name))}" for n in starts) +
                                "; final mean(up, down) " + ", ".join(f"{n} {_f(mean(R(n)))}" for n in starts))
 
-    add("e", "The last pre-training checkpoint is the best start (Gupta §4.3)", roles.early_starts + [roles.reference], e)
+    add("e", "The last pre-training checkpoint is the best start (Gupta §4.3)", roles.early_starts + [start_ref], e)
 
     def f():
         m, r = R(roles.reference), R(roles.replay)

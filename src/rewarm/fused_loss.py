@@ -30,6 +30,7 @@ class _LinearCrossEntropy(torch.autograd.Function):
         grad_weight = torch.zeros_like(weight, dtype=torch.float32) if needs_grad else None
         grad_bias = torch.zeros_like(bias, dtype=torch.float32) if needs_grad and bias is not None else None
         total = hidden.new_zeros((), dtype=torch.float32)
+        low_precision = torch.is_autocast_enabled(hidden.device.type) or hidden.dtype in (torch.bfloat16, torch.float16)
         for start in range(0, n, chunk):
             h = hidden[start : start + chunk]
             t = targets[start : start + chunk]
@@ -44,7 +45,10 @@ class _LinearCrossEntropy(torch.autograd.Function):
                 probs[torch.arange(len(t), device=t.device), t] -= 1.0  # d(sum CE)/d logits
                 g = probs.to(h.dtype)
                 grad_hidden[start : start + chunk] = g @ weight
-                grad_weight.addmm_(g.t().float(), h.float())
+                if low_precision:  # a bf16/fp16 GEMM (fp32 accumulation inside), as autocast runs the unfused head
+                    grad_weight += torch.mm(g.t(), h).float()
+                else:
+                    grad_weight.addmm_(g.t().float(), h.float())
                 if grad_bias is not None:
                     grad_bias += probs.sum(0)
         if needs_grad:

@@ -2,6 +2,7 @@
 
 Presets copy EleutherAI's Pythia GPT-NeoX settings (rotary on 25% of each head, parallel
 residual, untied embeddings, vocab 50304); `tiny` is the same architecture sized for CPU demos.
+`llama-tiny` and `smollm2-135m` are Llama-family shapes (RMSNorm, SwiGLU, GQA, tied embeddings).
 """
 from __future__ import annotations
 
@@ -33,6 +34,17 @@ _PYTHIA_COMMON = dict(
     eos_token_id=0,
 )
 
+_LLAMA_COMMON = dict(
+    model_type="llama",
+    hidden_act="silu",
+    rms_norm_eps=1e-5,
+    initializer_range=0.02,
+    attention_bias=False,
+    mlp_bias=False,
+    attention_dropout=0.0,
+    tie_word_embeddings=True,
+)
+
 PRESETS: dict[str, dict[str, Any]] = {
     "tiny": dict(_PYTHIA_COMMON, hidden_size=128, num_hidden_layers=4, num_attention_heads=4,
                  intermediate_size=512, max_position_embeddings=1024, vocab_size=None),
@@ -40,6 +52,14 @@ PRESETS: dict[str, dict[str, Any]] = {
     "pythia-70m": dict(_PYTHIA_COMMON, hidden_size=512, num_hidden_layers=6, num_attention_heads=8, intermediate_size=2048),
     "pythia-160m": dict(_PYTHIA_COMMON, hidden_size=768, num_hidden_layers=12, num_attention_heads=12, intermediate_size=3072),
     "pythia-410m": dict(_PYTHIA_COMMON, hidden_size=1024, num_hidden_layers=24, num_attention_heads=16, intermediate_size=4096),
+    # Llama family (RMSNorm, SwiGLU, rotary on the whole head, grouped-query attention, tied embeddings)
+    "llama-tiny": dict(_LLAMA_COMMON, hidden_size=128, num_hidden_layers=4, num_attention_heads=4, num_key_value_heads=2,
+                       intermediate_size=344, max_position_embeddings=1024, vocab_size=None,
+                       rope_parameters={"rope_type": "default", "rope_theta": 10000.0}),
+    # SmolLM2-135M's shape (HuggingFaceTB/SmolLM2-135M config.json), for a from-scratch control
+    "smollm2-135m": dict(_LLAMA_COMMON, hidden_size=576, num_hidden_layers=30, num_attention_heads=9, num_key_value_heads=3,
+                         intermediate_size=1536, max_position_embeddings=8192, vocab_size=49152,
+                         rope_parameters={"rope_type": "default", "rope_theta": 100000.0}),
 }
 
 
@@ -60,9 +80,18 @@ def build_config(preset: str | None, path: str | None, overrides: dict, tokenize
             fields["vocab_size"] = round_vocab(tokenizer_len)
         fields["bos_token_id"] = fields["eos_token_id"] = eos_id
         config = AutoConfig.for_model(model_type, **fields)
+        apply_overrides(config, overrides)  # checks the keys first
+        # then build again with them, so fields derived at construction (Llama's head_dim) follow
+        try:
+            config = AutoConfig.for_model(model_type, **{**fields, **(overrides or {})})
+        except Exception as exc:  # transformers' own validation (ValueError, or huggingface_hub's class errors)
+            cause = exc.__cause__ or exc
+            raise UserError(f"the model does not build or run with this config ({type(cause).__name__}: "
+                            f"{str(cause).splitlines()[0] if str(cause) else ''}). Check `model.overrides` "
+                            f"({overrides}).") from None
     else:
         config = load_config(path)
-    apply_overrides(config, overrides)
+        apply_overrides(config, overrides)
     if vocab_size is not None:
         config.vocab_size = vocab_size
     check_vocab(config.vocab_size, tokenizer_len)
@@ -84,6 +113,9 @@ def apply_overrides(config, overrides: dict) -> None:
             raise UserError(f"`model.overrides.{key}` is not a field of {type(config).__name__}"
                             f"{did_you_mean(key, config.to_dict())}.")
         setattr(config, key, value)
+    shape = {"hidden_size", "num_attention_heads"} & set(overrides or {})
+    if shape and "head_dim" not in (overrides or {}) and getattr(config, "head_dim", None):
+        config.head_dim = config.hidden_size // config.num_attention_heads  # derived, not free: keep it consistent
 
 
 def load_config(path: str, revision: str | None = None, trust_remote_code: bool = False):

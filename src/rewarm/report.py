@@ -15,6 +15,7 @@ from pathlib import Path
 
 from rewarm import atomic
 from rewarm import findings as F
+from rewarm.errors import UserError
 from rewarm.plots import _pyplot, save_figure
 from rewarm.runs import RunData, find_runs
 
@@ -140,12 +141,27 @@ def _fmt_se(x: float | None, se: float | None) -> str:
     return f"{x:.3f} ± {se:.3f}" if se is not None else f"{x:.3f}"
 
 
-def run_table(runs: list[RunData]) -> tuple[list[str], list[list[str]]]:
+FINAL_CHOICES = "last_eval (default) or mean_last_train:N"
+
+
+def parse_final(spec: str) -> int | None:
+    """`last_eval` -> None; `mean_last_train:N` -> N (the table gains that column)."""
+    if spec == "last_eval":
+        return None
+    m = re.fullmatch(r"mean_last_train:(\d+)", spec)
+    if not m or int(m.group(1)) < 1:
+        raise UserError(f"--final {spec!r} is not understood: use {FINAL_CHOICES}, e.g. mean_last_train:100.")
+    return int(m.group(1))
+
+
+def run_table(runs: list[RunData], mean_last_train: int | None = None) -> tuple[list[str], list[list[str]]]:
     sets = _set_names(runs)
     header = ["run", "tokens"]
     for s in sets:
         header += [f"{s} step 0", f"{s} final", f"{s} min"]
     header += ["forgetting", "adaptation", "spike (first 10%)"]
+    if mean_last_train:
+        header.append(f"train loss (mean of last {mean_last_train} steps)")
     tasks = _task_names(runs)
     for t in tasks:
         header += [f"{t} acc", f"{t} p_choices(gold)"]
@@ -156,6 +172,8 @@ def run_table(runs: list[RunData]) -> tuple[list[str], list[list[str]]]:
         for s in sets:
             row += [_fmt(r.start(s)), _fmt(r.final(s)), _fmt(r.minimum(s))]
         row += [_fmt(r.forgetting(), True), _fmt(r.adaptation(), True), _fmt(r.spike(), True)]
+        if mean_last_train:
+            row.append(_fmt(r.mean_last_train(mean_last_train)))
         for t in tasks:
             final = r.task_final(t) or {}
             row += [_fmt_se(final.get("acc"), final.get("acc_stderr")),
@@ -188,8 +206,47 @@ def replicate_table(runs: list[RunData], up: str = "upstream", down: str = "down
     return header, rows
 
 
+def _acc(row: dict | None) -> str:
+    return "–" if row is None or row.get("acc") is None else _fmt_se(row["acc"], row.get("acc_stderr"))
+
+
+def task_change_table(runs: list[RunData]) -> tuple[list[str], list[list[str]]]:
+    """Per run and task: accuracy at step 0 and at the end. A run that skipped its step-0 scoring
+    (eval.downstream.at_start: false) borrows it from a run that started from the same weights."""
+    tasks = _task_names(runs)
+    header = ["run"] + [f"{t} {when}" for t in tasks for when in ("step 0", "final", "Δ")]
+    rows = []
+    for r in runs:
+        if not r.downstream:
+            continue
+        same_start = [o for o in runs if o.start_info.get("model_from") == r.start_info.get("model_from")
+                      and o.start_info.get("init") == r.start_info.get("init") and o.downstream and o.downstream[0][0] == 0]
+        row = [r.name]
+        for t in tasks:
+            first = r.task_at(t, 0) or next((o.task_at(t, 0) for o in same_start if o.task_at(t, 0)), None)
+            last = r.task_final(t) if r.downstream[-1][0] > 0 else None
+            delta = (last["acc"] - first["acc"]) if first and last and "acc" in first and "acc" in last else None
+            row += [_acc(first), _acc(last), _fmt(delta, True)]
+        rows.append(row)
+    return header, rows
+
+
+def samples_table(runs: list[RunData]) -> tuple[list[str], list[list[str]]]:
+    """Each run's continuation of each prompt at step 0 and at its last eval, side by side."""
+    rows = []
+    for r in runs:
+        if len(r.samples) < 1:
+            continue
+        (s0, first), (sN, last) = r.samples[0], r.samples[-1]
+        for a, b in zip(first, last):
+            rows.append([r.name, a["prompt"], " ".join(a["text"].split()), " ".join(b["text"].split()) if sN != s0 else "–"])
+    return ["run", "prompt", "step 0", "final"], rows
+
+
 def report(paths: list[str], out_dir: str | Path, fmt: str = "md", title: str = "rewarm report",
-           roles_file: str | None = None, extra_images: dict[str, Path] | None = None) -> Path:
+           roles_file: str | None = None, extra_images: dict[str, Path] | None = None,
+           final: str = "last_eval") -> Path:
+    mean_last_train = parse_final(final)
     runs = find_runs(paths)
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
@@ -204,8 +261,12 @@ def report(paths: list[str], out_dir: str | Path, fmt: str = "md", title: str = 
         "Learning rates": plot_lrs(runs, out / "lr.png"),
     }
     images = {k: v for k, v in images.items() if v is not None}
-    header, rows = run_table(runs)
+    header, rows = run_table(runs, mean_last_train)
     replicates = replicate_table(runs, *(roles.upstream, roles.downstream) if roles else ())
+    tables = [("Seed replicates (mean ± spread)", *replicates),
+              ("Downstream tasks: accuracy at step 0 and at the end (± standard error)", *task_change_table(runs)),
+              ("Text samples: greedy continuations at step 0 and at the end", *samples_table(runs))]
+    tables = [t for t in tables if t[2]]
     found = F.compute(by_name, roles) if roles else []
     notes = ("Step-0 loss: the eval before the first update. Final: the last eval. Forgetting = final − step-0 "
              "upstream loss; adaptation = step-0 − final downstream loss; spike = peak upstream loss over the evals "
@@ -213,22 +274,30 @@ def report(paths: list[str], out_dir: str | Path, fmt: str = "md", title: str = 
              "(accuracy and p_choices(gold), the softmax over the choices' log-likelihoods, ± standard error). "
              "Findings: definitions and verdicts (holds / does not hold at this scale / within noise / incomplete) "
              "as in docs/findings.md.")
+    if mean_last_train:
+        notes += (f" Train loss (mean of last {mean_last_train} steps): Ibrahim et al. 2024's final loss, the mean "
+                  "training-batch loss over the run's last steps (on the training mixture, so it includes replay); "
+                  "– when the run logged fewer steps. Findings still use the last eval.")
     if fmt == "html":
-        text = _html(title, runs, header, rows, images, found, notes, replicates)
+        text = _html(title, runs, header, rows, images, found, notes, tables)
         path = out / "report.html"
     else:
-        text = _markdown(title, runs, header, rows, images, found, notes, replicates)
+        text = _markdown(title, runs, header, rows, images, found, notes, tables)
         path = out / "report.md"
     return atomic.write_text(path, text)
 
 
-def _markdown(title, runs, header, rows, images, found, notes, replicates) -> str:
+def _md_cell(text: str) -> str:
+    return text.replace("|", "\\|").replace("\n", " ")
+
+
+def _markdown(title, runs, header, rows, images, found, notes, tables) -> str:
     lines = [f"# {title}", "", f"{len(runs)} runs. {notes}", ""]
     if found:
         lines += ["## The papers' findings, in these runs", "", F.as_markdown(found), ""]
-    if replicates[1]:
-        lines += ["## Seed replicates (mean ± spread)", "", "| " + " | ".join(replicates[0]) + " |",
-                  "|" + "---|" * len(replicates[0])] + ["| " + " | ".join(r) + " |" for r in replicates[1]] + [""]
+    for caption, thead, trows in tables:
+        lines += [f"## {caption}", "", "| " + " | ".join(thead) + " |", "|" + "---|" * len(thead)]
+        lines += ["| " + " | ".join(_md_cell(c) for c in r) + " |" for r in trows] + [""]
     lines += ["## Runs", "", "| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
     lines += ["| " + " | ".join(r) + " |" for r in rows]
     for caption, img in images.items():
@@ -236,7 +305,7 @@ def _markdown(title, runs, header, rows, images, found, notes, replicates) -> st
     return "\n".join(lines) + "\n"
 
 
-def _html(title, runs, header, rows, images, found, notes, replicates) -> str:
+def _html(title, runs, header, rows, images, found, notes, tables) -> str:
     esc = html.escape
     parts = [f"<!doctype html><html><head><meta charset='utf-8'><title>{esc(title)}</title><style>",
              "body{font-family:system-ui,sans-serif;max-width:1200px;margin:2em auto;padding:0 1em;color:#222}",
@@ -252,10 +321,9 @@ def _html(title, runs, header, rows, images, found, notes, replicates) -> str:
             parts.append(f"<tr><td>{f.id}</td><td style='text-align:left'>{esc(f.claim)}</td><td class='{cls}'>{esc(f.verdict)}</td>"
                          f"<td style='text-align:left'>{esc(f.detail)}</td></tr>")
         parts.append("</table>")
-    if replicates[1]:
-        parts.append("<h2>Seed replicates (mean ± spread)</h2><table><tr>" +
-                     "".join(f"<th>{esc(h)}</th>" for h in replicates[0]) + "</tr>")
-        parts += ["<tr>" + "".join(f"<td>{esc(c)}</td>" for c in row) + "</tr>" for row in replicates[1]]
+    for caption, thead, trows in tables:
+        parts.append(f"<h2>{esc(caption)}</h2><table><tr>" + "".join(f"<th>{esc(h)}</th>" for h in thead) + "</tr>")
+        parts += ["<tr>" + "".join(f"<td>{esc(c)}</td>" for c in row) + "</tr>" for row in trows]
         parts.append("</table>")
     parts.append("<h2>Runs</h2><table><tr>" + "".join(f"<th>{esc(h)}</th>" for h in header) + "</tr>")
     parts += ["<tr>" + "".join(f"<td>{esc(c)}</td>" for c in row) + "</tr>" for row in rows]

@@ -149,14 +149,16 @@ def iter_metrics(path: Path) -> Iterator[dict]:
 class MetricsWriter:
     """Append one JSON object per line, flushed at once so a crash loses at most the line being written."""
 
-    def __init__(self, path: Path, enabled: bool = True):
+    def __init__(self, path: Path, enabled: bool = True, sinks: list | None = None):
         self.path = path
         self.enabled = enabled
+        self.sinks = sinks or []  # live views (TensorBoard, W&B) that get a copy of each event
         self._fh = open(path, "a") if enabled else None
 
     def reopen(self) -> None:
-        """After the file was rewritten (truncated on rollback), append to the new one."""
-        self.close()
+        """After the file was rewritten (truncated on rollback), append to the new one (the live views go on)."""
+        if self._fh:
+            self._fh.close()
         self._fh = open(self.path, "a") if self.enabled else None
 
     def write(self, event: dict[str, Any]) -> None:
@@ -168,8 +170,13 @@ class MetricsWriter:
                 if atomic.is_disk_full(exc):  # a torn last line is ignored by readers; the checkpoints are intact
                     raise DiskFull(f"disk full while appending to {self.path}. Free space, then --resume.") from None
                 raise
+            for sink in self.sinks:
+                sink.log(event)
 
     def close(self) -> None:
         if self._fh:
             self._fh.close()
             self._fh = None
+        for sink in self.sinks:
+            sink.close()
+        self.sinks = []

@@ -23,8 +23,11 @@ class RunData:
     config: dict
     evals: list[tuple[int, int, dict[str, float]]] = field(default_factory=list)  # (step, tokens, {set: loss})
     lrs: list[tuple[int, float]] = field(default_factory=list)  # (step index of the update, lr)
+    train_losses: list[tuple[int, float]] = field(default_factory=list)  # (step, training-batch loss)
     downstream: list[tuple[int, int, dict[str, dict]]] = field(default_factory=list)  # (step, tokens, {task: metrics})
     finished: bool = False
+    start_info: dict = field(default_factory=dict)  # the first start event (model_from, params, ...)
+    samples: list[tuple[int, list[dict]]] = field(default_factory=list)  # (step, [{prompt, text}])
 
     @classmethod
     def load(cls, path: str | Path, name: str | None = None) -> "RunData":
@@ -35,10 +38,16 @@ class RunData:
         run = cls(name or rd.path.name, rd.path, config, finished=rd.is_finished())
         by_step: dict[int, tuple[int, dict]] = {}
         for e in iter_metrics(rd.metrics):
-            if e.get("event") == "eval":
+            if e.get("event") == "start" and not run.start_info:
+                run.start_info = e
+            elif e.get("event") == "samples":
+                run.samples = [x for x in run.samples if x[0] != e["step"]] + [(e["step"], e["samples"])]
+            elif e.get("event") == "eval":
                 run.evals.append((e["step"], e["tokens"], {k: v["loss"] for k, v in e["sets"].items()}))
             elif e.get("event") == "train":
                 run.lrs.append((e["step"] - 1, e["lr"]))
+                if isinstance(e.get("loss"), (int, float)):
+                    run.train_losses.append((e["step"], e["loss"]))
             elif e.get("event") == "downstream":
                 by_step.setdefault(e["step"], (e["tokens"], {}))[1].update(e["tasks"])  # later results win
         run.downstream = [(step, tok, tasks) for step, (tok, tasks) in sorted(by_step.items())]
@@ -63,6 +72,10 @@ class RunData:
         return [(tok, tasks[task][metric]) for _, tok, tasks in self.downstream
                 if isinstance(tasks.get(task, {}).get(metric), (int, float))]
 
+    def task_at(self, task: str, step: int) -> dict | None:
+        rows = [tasks[task] for s, _, tasks in self.downstream if s == step and task in tasks]
+        return rows[-1] if rows else None
+
     def task_final(self, task: str) -> dict | None:
         rows = [tasks[task] for _, _, tasks in self.downstream if task in tasks]
         return rows[-1] if rows else None
@@ -74,6 +87,13 @@ class RunData:
     def final(self, name: str) -> float | None:
         vals = [sets[name] for _, _, sets in self.evals if name in sets]
         return vals[-1] if vals else None
+
+    def mean_last_train(self, n: int) -> float | None:
+        """Mean training loss over the last `n` logged steps (Ibrahim et al. 2024's "final loss");
+        None when the run logged fewer than `n` (a mean over fewer would not be the same statistic)."""
+        last = {step: loss for step, loss in self.train_losses}  # a resumed run re-logs nothing, but be safe
+        vals = [last[s] for s in sorted(last)][-n:]
+        return sum(vals) / n if len(vals) == n else None
 
     def minimum(self, name: str) -> float | None:
         vals = [sets[name] for _, _, sets in self.evals if name in sets]

@@ -34,10 +34,12 @@ from rewarm.tokenizer import fingerprint, load_tokenizer
 log = logging.getLogger(__name__)
 
 # Keys that may change between a run and its resumption without changing its numbers.
-RESUME_SAFE_KEYS = {"init", "train.log_interval", "train.device", "train.num_threads", "train.compile",
+RESUME_SAFE_KEYS = {"init", "train.log_interval", "train.stop_at_tokens", "train.device", "train.num_threads", "train.compile",
                     "checkpoint.interval", "checkpoint.keep_last", "distributed.strategy", "distributed.cpu_offload",
                     "eval.downstream.tasks", "eval.downstream.every", "eval.downstream.limit",
-                    "eval.downstream.num_fewshot", "eval.downstream.batch"}
+                    "eval.downstream.num_fewshot", "eval.downstream.batch", "eval.downstream.at_start",
+                    "eval.samples.prompts", "eval.samples.max_new_tokens", "eval.samples.temperature",
+                    "logging.tensorboard", "logging.wandb", "train.activation_checkpointing"}
 
 
 @dataclass
@@ -65,7 +67,9 @@ class RunState:
         return self.cfg.train.global_batch * self.cfg.train.seq_len
 
     def start_event(self) -> dict:
-        return {"event": "start", "step": self.state.step, **self.start_info}
+        from rewarm.memory import peak_memory_mb
+
+        return {"event": "start", "step": self.state.step, **self.start_info, **peak_memory_mb(self.device)}
 
     def snapshot(self, optimizer_state: dict) -> TrainerState:
         """The live counters plus the optimizer and RNG states, as a checkpoint stores them."""
@@ -83,6 +87,18 @@ def read_cpuinfo() -> str:
 def cpu_has_bf16_units() -> bool:
     """AMX or AVX512-BF16: the CPUs where bf16 GEMMs beat fp32 (elsewhere they are ~100x slower)."""
     return bool(re.search(r"\b(amx_bf16|avx512_bf16)\b", read_cpuinfo()))
+
+
+def _enable_activation_checkpointing(model: torch.nn.Module) -> None:
+    """Recompute each decoder layer in backward (HF's per-layer checkpointing, non-reentrant)."""
+    if not getattr(model, "supports_gradient_checkpointing", False):
+        raise UserError(f"`train.activation_checkpointing`: {type(model).__name__} does not support per-layer "
+                        "activation checkpointing in transformers; set it to false.")
+    if hasattr(model, "activation_checkpointing_enable"):  # transformers >= 5.2x; the old name is deprecated
+        model.activation_checkpointing_enable(activation_checkpointing_kwargs={"use_reentrant": False})
+    else:
+        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+    model.config.use_cache = False  # a KV cache is useless in training and HF warns about it with checkpointing
 
 
 def resolve_precision(setting: str, device: torch.device) -> str:
@@ -249,6 +265,8 @@ def start_run(cfg: RunConfig, run: RunDir, d: Dist, *, overwrite: bool = False, 
             origin = path + (f"@{revision}" if revision else "")
         model.to(device)
         _smoke_forward(model, device)
+        if cfg.train.activation_checkpointing:
+            _enable_activation_checkpointing(model)
     except (RuntimeError, ValueError, TypeError, AssertionError) as exc:
         raise UserError(f"the model does not build or run with this config ({type(exc).__name__}: "
                         f"{str(exc).splitlines()[0] if str(exc) else ''}). Check `model.overrides` "

@@ -20,7 +20,7 @@ import torch
 from tqdm import tqdm
 
 from rewarm import atomic, checkpoint, distributed
-from rewarm.config import RunConfig, warmup_steps
+from rewarm.config import RunConfig, last_step, warmup_steps
 from rewarm.errors import DiskFull, Diverged, Preempted
 from rewarm.evaluate import evaluate
 from rewarm.fused_loss import autocast, head_and_backbone, lm_loss
@@ -47,7 +47,9 @@ def train(cfg: RunConfig, *, overwrite: bool = False, allow_config_change: bool 
     try:
         with _StopOnSignal() as stop:
             st = start_run(cfg, run, d, overwrite=overwrite, allow_config_change=allow_config_change)
-            metrics = MetricsWriter(run.metrics, enabled=d.is_main)
+            from rewarm.live_view import sinks_for
+
+            metrics = MetricsWriter(run.metrics, enabled=d.is_main, sinks=sinks_for(st.cfg, run.path) if d.is_main else [])
             try:
                 _loop(st.cfg, run, st, metrics, stop, progress and d.is_main)
                 _finish(run, st, metrics)
@@ -79,11 +81,12 @@ def _loop(cfg: RunConfig, run: RunDir, st: RunState, metrics: MetricsWriter, sto
     metrics.write(st.start_event())
     if ts.step == 0 and st.eval_sets:
         _run_eval(st, metrics)  # the baseline that forgetting and adaptation are measured from
-    if ts.step == 0 and cfg.eval.downstream.tasks:
+    if ts.step == 0 and cfg.eval.downstream.tasks and cfg.eval.downstream.at_start:
         _run_downstream(st, metrics)
-    bar = tqdm(total=t.max_steps, initial=ts.step, desc="train", unit="step", disable=not progress, dynamic_ncols=True)
+    stop_step = last_step(t)  # max_steps, or earlier with train.stop_at_tokens (the schedule still spans max_steps)
+    bar = tqdm(total=stop_step, initial=ts.step, desc="train", unit="step", disable=not progress, dynamic_ncols=True)
     st.model.train()
-    while ts.step < t.max_steps:
+    while ts.step < stop_step:
         with speed.measure():
             result = train_step(st, step_fn)
         bad_in_row = 0 if result.finite else bad_in_row + 1
@@ -92,7 +95,7 @@ def _loop(cfg: RunConfig, run: RunDir, st: RunState, metrics: MetricsWriter, sto
             bad_in_row = 0
             bar.n = ts.step
             continue
-        step, end = ts.step, ts.step == t.max_steps
+        step, end = ts.step, ts.step == stop_step
 
         if _due(step, t.log_interval) or end:
             tok_s = speed.rate()
@@ -166,19 +169,21 @@ def train_step(st: RunState, fns: _StepFunctions) -> StepResult:
         group["lr"] = lr
     windows, _ = st.mixture.batch(ts.step, d.rank, d.world)
     micro_batches = torch.from_numpy(windows).split(cfg.train.micro_batch)
-    loss_sum = 0.0
+    loss_t = torch.zeros((), dtype=torch.float64, device=st.device)  # summed on the device: no sync per micro-batch
     for i, micro in enumerate(micro_batches):
         with distributed.set_grad_sync(st.model, d, sync=i == len(micro_batches) - 1):
             with autocast(st.device, st.precision):
                 loss = lm_loss(fns.forward, micro.to(st.device, non_blocking=True), backbone=fns.backbone) / fns.accum
             (fns.scaler.scale(loss) if fns.scaler else loss).backward()
-        loss_sum += loss.item()
-    loss_sum = d.mean(loss_sum, st.device)  # every rank sees (and agrees on) the global loss
+        loss_t += loss.detach().double()
     if fns.scaler:
         fns.scaler.unscale_(opt)
     clip = cfg.optimizer.grad_clip if cfg.optimizer.grad_clip > 0 else math.inf
     norm = torch.nn.utils.clip_grad_norm_(fns.params, clip)
-    grad_norm = float(norm.full_tensor() if hasattr(norm, "full_tensor") else norm)
+    norm = norm.full_tensor() if hasattr(norm, "full_tensor") else norm
+    # one device->host copy per step for both numbers (each .item() stalls a GPU until its queue drains)
+    loss_sum, grad_norm = torch.stack([loss_t, norm.detach().double()]).tolist()
+    loss_sum = d.mean(loss_sum, st.device)  # every rank sees (and agrees on) the global loss
     finite = math.isfinite(loss_sum) and math.isfinite(grad_norm)
     if finite and fns.scaler:
         fns.scaler.step(opt)
@@ -230,6 +235,26 @@ def _run_eval(st: RunState, metrics: MetricsWriter) -> None:
     if d.is_main:
         line = "  ".join(f"{name} {r['loss']:.4f} (ppl {r['ppl']:.1f})" for name, r in results.items())
         tqdm.write(f"eval @ step {step:>6} | {line}")
+    if st.cfg.eval.samples.prompts:
+        _write_samples(st, metrics)
+
+
+def _write_samples(st: RunState, metrics: MetricsWriter) -> None:
+    """Continuations of the configured prompts (greedy unless a temperature is set), into metrics.jsonl.
+    FSDP: every rank runs the same generation (its forwards are collective); otherwise rank 0 alone."""
+    from rewarm.fused_loss import autocast
+    from rewarm.generate import continue_prompts
+
+    d, sm = st.dist, st.cfg.eval.samples
+    sharded = d.active and d.strategy == "fsdp"
+    if not (sharded or d.is_main):
+        return
+    with autocast(st.device, st.precision):
+        texts = continue_prompts(st.model if sharded else st.raw_model, st.tokenizer, list(sm.prompts),
+                                 sm.max_new_tokens, sm.temperature, seed=st.cfg.seed, device=st.device)
+    step = st.state.step
+    metrics.write({"event": "samples", "step": step, "tokens": step * st.tokens_per_step,
+                   "samples": [{"prompt": p, "text": t} for p, t in zip(sm.prompts, texts)]})
 
 
 def _run_downstream(st: RunState, metrics: MetricsWriter) -> None:
@@ -289,8 +314,9 @@ def _finish(run: RunDir, st: RunState, metrics: MetricsWriter) -> None:
     t = st.cfg.train
     save_model(st.raw_model, run.final, st.tokenizer, state_dict=model_sd)
     evals = [(e["step"], e["sets"]) for e in run.read_metrics() if e.get("event") == "eval"]
+    steps = last_step(t)
     summary: dict[str, Any] = {
-        "status": "completed", "steps": t.max_steps, "tokens": t.max_steps * st.tokens_per_step, "init": st.start_mode,
+        "status": "completed", "steps": steps, "schedule_steps": t.max_steps, "tokens": steps * st.tokens_per_step, "init": st.start_mode,
         "final": {}, "initial": {}, "best": {}, "bad_steps": st.state.bad_steps, "final_dir": str(run.final),
     }
     for name in (evals[-1][1] if evals else {}):
@@ -299,8 +325,11 @@ def _finish(run: RunDir, st: RunState, metrics: MetricsWriter) -> None:
         summary["final"][name] = series[-1][1]
         best = min(series, key=lambda x: x[1])
         summary["best"][name] = {"loss": best[1], "step": best[0]}
+    from rewarm.memory import peak_memory_mb
+
+    summary.update(peak_memory_mb(st.device))
     atomic.write_json(run.summary, summary)
-    metrics.write({"event": "end", "step": t.max_steps, "summary": summary})
+    metrics.write({"event": "end", "step": steps, "summary": summary})
 
 
 class _StopOnSignal:

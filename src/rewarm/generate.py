@@ -1,0 +1,54 @@
+"""Continuations of fixed prompts: what forgetting and adaptation read like, not only what they measure.
+
+Greedy by default, so the same weights give the same text; with a temperature the sampling uses
+its own seeded generator, never the global RNG that training draws from (sampling during a run
+must not change the run's numbers).
+"""
+from __future__ import annotations
+
+import inspect
+
+import torch
+
+
+def _cache_arg(model) -> str:
+    """The forward's KV-cache argument: `cache` (transformers >= 5.2x) or `past_key_values` (before)."""
+    return "cache" if "cache" in inspect.signature(model.forward).parameters else "past_key_values"
+
+
+@torch.no_grad()
+def continue_prompts(model, tokenizer, prompts: list[str], max_new_tokens: int = 32, temperature: float = 0.0,
+                     seed: int = 0, device: torch.device | None = None) -> list[str]:
+    """The model's continuation of each prompt (the new text only), one prompt at a time with a KV cache."""
+    device = device or next(model.parameters()).device
+    was_training = model.training
+    model.eval()
+    gen = torch.Generator(device="cpu").manual_seed(seed)
+    eos = tokenizer.eos_token_id
+    max_pos = getattr(model.config, "max_position_embeddings", None)
+    out = []
+    cache_arg = _cache_arg(model)
+    try:
+        for prompt in prompts:
+            ids = tokenizer(prompt, return_tensors="pt").input_ids.to(device)
+            if ids.shape[1] == 0:  # an empty prompt: start from the end-of-text token, as a document would
+                ids = torch.tensor([[eos if eos is not None else 0]], device=device)
+            budget = max_new_tokens if max_pos is None else max(0, min(max_new_tokens, max_pos - ids.shape[1]))
+            new: list[int] = []
+            past, step_ids = None, ids
+            for _ in range(budget):
+                res = model(input_ids=step_ids, use_cache=True, **{cache_arg: past})
+                past, logits = getattr(res, cache_arg), res.logits[0, -1].float().cpu()
+                if temperature > 0:
+                    probs = torch.softmax(logits / temperature, dim=-1)
+                    token = int(torch.multinomial(probs, 1, generator=gen))
+                else:
+                    token = int(logits.argmax())
+                if eos is not None and token == eos:
+                    break
+                new.append(token)
+                step_ids = torch.tensor([[token]], device=device)
+            out.append(tokenizer.decode(new, skip_special_tokens=True))
+    finally:
+        model.train(was_training)
+    return out
