@@ -62,6 +62,28 @@ def test_two_ranks_match_one_process(tmp_path, shards, single, strategy):
         assert torch.allclose(a, b, atol=1e-5), k
 
 
+LLAMA = {"preset": "llama-tiny", "overrides": {"hidden_size": 32, "num_hidden_layers": 2, "num_attention_heads": 4,
+                                               "num_key_value_heads": 2, "intermediate_size": 64}}
+
+
+@pytest.mark.parametrize("strategy", ["ddp", "fsdp"])
+def test_llama_two_ranks_match_one_process(tmp_path, shards, strategy):
+    """The Llama family through DDP and FSDP2 (decoder layers found generically, tied head)."""
+    one = small_run_config(tmp_path / "one", shards, **STEPS)
+    one["model"] = dict(LLAMA)
+    ref = train(config_from_dict(one), progress=False)
+    two = small_run_config(tmp_path / "two", shards, **STEPS, **{"distributed.strategy": strategy})
+    two["model"] = dict(LLAMA)
+    proc = torchrun(write_config(tmp_path / "c.yaml", two))
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert metrics(tmp_path / "two")[0]["strategy"] == strategy
+    assert_close_per_step(tmp_path / "two", ref.path)
+    model = AutoModelForCausalLM.from_pretrained(tmp_path / "two" / "final")
+    assert type(model).__name__ == "LlamaForCausalLM"
+    for (k, a), b in zip(model.state_dict().items(), AutoModelForCausalLM.from_pretrained(ref.final).state_dict().values()):
+        assert torch.allclose(a, b, atol=1e-5), k
+
+
 def test_save_at_two_ranks_resume_at_one(tmp_path, shards, single):
     raw = small_run_config(tmp_path / "run", shards, **STEPS, **{"distributed.strategy": "fsdp"})
     cfg = write_config(tmp_path / "c.yaml", raw)

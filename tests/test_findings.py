@@ -115,6 +115,18 @@ def test_incomplete_sets_unfinished_runs_and_missing_step0_are_not_judged():
     assert {f.verdict for f in F.compute(only, R)} == {F.INCOMPLETE}
 
 
+def test_roles_that_a_study_does_not_have_are_incomplete_not_vacuous():
+    """The real-model study has no warmup sweep, earlier checkpoints or scratch run: a, d, e must
+    say so instead of crashing on an empty sweep or holding vacuously."""
+    from dataclasses import replace
+
+    roles = replace(R, warmups=[], early_starts=[], scratch=None, reference_seeds=[])
+    found = by_id(F.compute(paper_like(), roles))
+    for fid in ("a", "d", "e"):
+        assert found[fid].verdict == F.INCOMPLETE and "no run has this role" in found[fid].detail
+    assert all(found[fid].verdict == F.HOLDS for fid in ("b", "c", "f", "s"))
+
+
 def test_warmup_runs_that_share_a_warmup_length_are_degenerate():
     runs = paper_like()
     runs["lr_mid_warmup2"].config["schedule"]["warmup"] = 0.001  # rounds to 0 steps of 100, like warmup0

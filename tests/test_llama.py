@@ -112,3 +112,17 @@ def test_tensorboard_event_files_hold_the_logged_scalars(tmp_path, shards):
     assert all(v == pytest.approx(w, rel=1e-6) for (_, v), (_, w) in zip(loss, logged))
     assert [e.step for e in acc.Scalars("eval/upstream/loss")] == [0, 3, 6]
     assert {"train/lr", "train/grad_norm", "train/tokens_per_s"} <= set(acc.Tags()["scalars"])
+
+
+def test_wandb_offline_run_gets_the_logged_scalars(tmp_path, shards, monkeypatch):
+    pytest.importorskip("wandb")
+    monkeypatch.setenv("WANDB_SILENT", "true")
+    cfg = llama_config(tmp_path / "wb", shards, **{"logging.wandb": True})
+    run = train(config_from_dict(cfg), progress=False)
+    files = list((run.path / "wandb").glob("offline-run-*/run-*.wandb"))
+    assert len(files) == 1, list((run.path / "wandb").rglob("*"))[:20]
+    # the offline record log holds each history item as its key and its JSON value (protobuf strings)
+    data = files[0].read_bytes()
+    last = metrics(run.path, "train")[-1]
+    assert b"train/loss" in data and b"eval/upstream/loss" in data and json.dumps(last["loss"]).encode() in data
+    assert json.dumps(metrics(run.path, "eval")[-1]["sets"]["upstream"]["loss"]).encode() in data

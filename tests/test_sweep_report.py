@@ -98,7 +98,8 @@ def test_parallel_sweep_stopped_by_sigterm_resumes_to_the_same_numbers(tmp_path,
     import sys
     import time
 
-    path, spec = sweep_file(tmp_path, shards)
+    # three runs, two at a time: the third is still waiting when the signal comes, and must not be started
+    path, spec = sweep_file(tmp_path, shards, **{"schedule.max_lr": [1e-3, 2e-3, 3e-3]})
     spec["base"]["train"].update(max_steps=120, num_threads=1)
     spec["base"]["checkpoint"]["interval"] = 10
     spec["base"]["eval"].update(interval=40, interval_warmup=0)
@@ -114,6 +115,7 @@ def test_parallel_sweep_stopped_by_sigterm_resumes_to_the_same_numbers(tmp_path,
     assert proc.returncode == 143, (out, err[-2000:])
     assert "resumes" in err and "Traceback" not in err
     assert not any((r / "summary.json").exists() for r in runs)  # stopped mid-run, not after
+    assert not (tmp_path / "sweep" / "maxlr0.003").exists()  # the waiting run was not started
     assert run_cli("sweep", str(path), "-q", "--jobs", "2").returncode == 0
     spec["out_dir"] = str(tmp_path / "seq")
     path.write_text(yaml.safe_dump(spec))

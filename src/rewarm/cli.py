@@ -311,12 +311,14 @@ def _cmd_demo(args: argparse.Namespace) -> int:
     from rewarm.demo import run_demo
 
     args.out = args.out or ("demo_real_out" if args.model else "demo_out")
+    if args.task_limit is not None and not args.model:
+        raise UserError("--task-limit applies to the real-model study only: add --model smollm2-135m.")
 
     if args.model:
         from rewarm.real_study import run_study
 
         result = run_study(Path(args.out), args.model, quick=args.quick, progress=not args.quiet,
-                           precision=args.precision, jobs=args.jobs)
+                           precision=args.precision, jobs=args.jobs, task_limit=args.task_limit)
         print()
         print(result["findings_markdown"])
         print()
@@ -496,6 +498,8 @@ def build_parser() -> argparse.ArgumentParser:
     dm.add_argument("-j", "--jobs", type=int, default=None,
                     help="continual runs at a time, one thread each (default: the number of cores, at most the "
                          "number of runs); the runs' numbers do not depend on it")
+    dm.add_argument("--task-limit", type=int, default=None,
+                    help="with --model: examples per downstream task (default 200; --quick 10)")
     dm.set_defaults(func=_cmd_demo)
     return p
 

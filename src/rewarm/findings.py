@@ -138,8 +138,9 @@ def compute(runs: dict[str, RunData], roles: Roles = DEMO_ROLES) -> list[Finding
 
     out: list[Finding] = []
 
-    def add(fid: str, claim: str, names: list[str | None], check) -> None:
-        why = missing(list(dict.fromkeys(names)))
+    def add(fid: str, claim: str, names: list[str | None], check, needs: tuple[list, ...] = ()) -> None:
+        """`needs`: role lists that must each name at least one run (an empty sweep is not a finding)."""
+        why = "no run has this role" if any(not group for group in needs) else missing(list(dict.fromkeys(names)))
         if why:
             out.append(Finding(fid, claim, INCOMPLETE, why))
             return
@@ -160,7 +161,8 @@ def compute(runs: dict[str, RunData], roles: Roles = DEMO_ROLES) -> list[Finding
             f"spread of final downstream: warmups {wd:.4f} vs max LRs {md:.4f}; upstream: warmups {wu:.4f} vs "
             f"max LRs {mu:.4f} (warmup steps {steps})")
 
-    add("a", "Warmup length barely matters (Gupta 2023 §4.1)", roles.warmups + roles.max_lrs, a)
+    add("a", "Warmup length barely matters (Gupta 2023 §4.1)", roles.warmups + roles.max_lrs, a,
+        needs=(roles.warmups, roles.max_lrs))
 
     def b():
         ups = [R(n).final(up_name) for n in roles.max_lrs]
@@ -171,7 +173,7 @@ def compute(runs: dict[str, RunData], roles: Roles = DEMO_ROLES) -> list[Finding
         sat = f" (downstream saturates: mid→high gains {downs[1] - downs[2]:.4f})" if saturates else ""
         return verdict, f"final upstream low→high {', '.join(map(_f, ups))}; final downstream {', '.join(map(_f, downs))}{sat}"
 
-    add("b", "Higher max LR: more adaptation, more forgetting (Gupta §4.2)", roles.max_lrs, b)
+    add("b", "Higher max LR: more adaptation, more forgetting (Gupta §4.2)", roles.max_lrs, b, needs=(roles.max_lrs,))
 
     def c():
         cst = R(roles.constant)
@@ -182,7 +184,8 @@ def compute(runs: dict[str, RunData], roles: Roles = DEMO_ROLES) -> list[Finding
             f"re-warmed minimum: forgetting {_f(min(R(n).forgetting(up_name) for n in rewarmed))}, "
             f"adaptation {_f(min(R(n).adaptation(down_name) for n in rewarmed))}")
 
-    add("c", "Constant small LR forgets least and adapts least (Gupta §4.2)", [roles.constant] + rewarmed, c)
+    add("c", "Constant small LR forgets least and adapts least (Gupta §4.2)", [roles.constant] + rewarmed, c,
+        needs=(rewarmed,))
 
     def d():
         s = R(roles.scratch)
@@ -191,7 +194,8 @@ def compute(runs: dict[str, RunData], roles: Roles = DEMO_ROLES) -> list[Finding
         return verdict, (f"final downstream: scratch {_f(s.final(down_name))}, worst re-warmed {_f(worst)}; "
                          f"scratch vs the constant-LR run: {_crossing(s, runs.get(roles.constant), down_name)}")
 
-    add("d", "Re-warmed continual runs beat training from scratch (Gupta §4.2)", [roles.scratch] + rewarmed, d)
+    add("d", "Re-warmed continual runs beat training from scratch (Gupta §4.2)", [roles.scratch] + rewarmed, d,
+        needs=(rewarmed,))
 
     start_ref = roles.start_reference or roles.reference
 
@@ -204,7 +208,8 @@ def compute(runs: dict[str, RunData], roles: Roles = DEMO_ROLES) -> list[Finding
         return judge(strict), ("final downstream " + ", ".join(f"{n} {_f(R(n).final(down_name))}" for n in starts) +
                                "; final mean(up, down) " + ", ".join(f"{n} {_f(mean(R(n)))}" for n in starts))
 
-    add("e", "The last pre-training checkpoint is the best start (Gupta §4.3)", roles.early_starts + [start_ref], e)
+    add("e", "The last pre-training checkpoint is the best start (Gupta §4.3)", roles.early_starts + [start_ref], e,
+        needs=(roles.early_starts,))
 
     def f():
         m, r = R(roles.reference), R(roles.replay)
@@ -216,7 +221,7 @@ def compute(runs: dict[str, RunData], roles: Roles = DEMO_ROLES) -> list[Finding
 
     add("f", "5% replay cuts forgetting at little downstream cost (Ibrahim 2024)", [roles.reference, roles.replay], f)
 
-    spiking = list(dict.fromkeys(rewarmed + [roles.replay] + roles.early_starts))
+    spiking = [n for n in dict.fromkeys(rewarmed + [roles.replay] + roles.early_starts) if n]
 
     def s():
         cst = R(roles.constant)
@@ -233,7 +238,7 @@ def compute(runs: dict[str, RunData], roles: Roles = DEMO_ROLES) -> list[Finding
         return judge(strict), (f"early upstream peak (evals at steps {window}) vs the constant-LR run's "
                                f"{c_peak:.4f}; per run, peak − step 0 / peak − final: " + ", ".join(parts))
 
-    add("s", "Re-warming spikes the upstream loss early (both papers)", [roles.constant] + spiking, s)
+    add("s", "Re-warming spikes the upstream loss early (both papers)", [roles.constant] + spiking, s, needs=(spiking,))
     for finding in out:
         if finding.verdict not in (INCOMPLETE, DEGENERATE):
             finding.detail += f" [{noise.describe()}]"

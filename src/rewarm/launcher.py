@@ -56,7 +56,7 @@ def run_parallel(runs, jobs: int, states: dict[str, str], bar) -> dict[str, str]
     old = {s: signal.signal(s, forward) for s in (signal.SIGTERM, signal.SIGINT)}
     with tempfile.TemporaryDirectory(prefix="rewarm-sweep-") as tmp:
         try:
-            while pending or alive:
+            while alive or (pending and not stopping):  # once stopping, wait for the live runs only
                 while pending and len(alive) < jobs and not stopping:
                     r = pending.pop(0)
                     raw = dict(r.raw)

@@ -31,12 +31,13 @@ PROMPTS = ["Thou shalt not", "def read_config(path):", "The capital of France is
 NEW, CODE, WIKI = "early_modern", "code", "wiki"
 
 SIZES = {
-    # tokens per run = steps x batch x seq_len; chosen so the whole study fits ~40 min (full) and
-    # <= 10 min (quick) on 2 CPU cores in fp32 (README, "The real-model study")
-    "full": dict(seq_len=256, batch=8, steps=40, warmup=2, eval_tokens=4096, eval_interval=10, dense=2,
+    # Scoring the five tasks (200 examples each) takes ~8 minutes per round on 2 CPU cores and a study
+    # needs six rounds (step 0 once, the end of each run), so the tasks, not training, set the time;
+    # the training budget is the smallest that shows adaptation and forgetting clearly (README).
+    "full": dict(seq_len=256, batch=4, steps=24, warmup=2, eval_tokens=1536, eval_interval=8, dense=1,
                  task_limit=200, code_bytes=3_000_000, lrs=(1e-4, 3e-4, 1e-3)),
-    "quick": dict(seq_len=128, batch=8, steps=12, warmup=2, eval_tokens=2048, eval_interval=4, dense=1,
-                  task_limit=40, code_bytes=1_000_000, lrs=(1e-4, 3e-4, 1e-3)),
+    "quick": dict(seq_len=128, batch=4, steps=6, warmup=1, eval_tokens=512, eval_interval=3, dense=1,
+                  task_limit=10, code_bytes=1_000_000, lrs=(1e-4, 3e-4, 1e-3)),
 }
 
 ROLES = F.Roles(reference="lr_mid", max_lrs=["lr_low", "lr_mid", "lr_high"], constant="constant_low",
@@ -48,6 +49,7 @@ def build_data(out: Path, model_dir: str, size: dict, progress: bool) -> dict[st
     """The three corpora tokenized with the model's own tokenizer (reused when already there)."""
     new = [str(p) for p in corpora.shakespeare_modern()] + [str(corpora.king_james_bible())]
     code = [str(p) for p in corpora.python_stdlib(limit_bytes=size["code_bytes"])]
+    out.mkdir(parents=True, exist_ok=True)
     wiki = corpora.wikipedia_passages(out / "wiki_passages.jsonl")
     shards = {NEW: out / "data" / NEW, CODE: out / "data" / CODE, WIKI: out / "data" / WIKI}
     prepare(new, model_dir, shards[NEW], val_tokens=60_000, seed=0, progress=progress)
@@ -73,7 +75,7 @@ def plan(out: Path, model_dir: str, size: dict, shards: dict[str, Path], precisi
             "schedule": {"name": schedule, "max_lr": max_lr, "min_lr": max_lr / 10 if schedule == "cosine" else max_lr,
                          "warmup": size["warmup"] if warmup is None else warmup},
             "eval": {"interval": size["eval_interval"], "interval_warmup": size["dense"],
-                     "dense_until": max(size["warmup"] * 2, 2), "tokens": size["eval_tokens"], "batch": 8,
+                     "dense_until": max(size["steps"] // 10, 1), "tokens": size["eval_tokens"], "batch": 8,
                      "downstream": {"tasks": TASKS, "limit": size["task_limit"], "batch": 16, "at_start": at_start},
                      "samples": {"prompts": PROMPTS, "max_new_tokens": 24}},
             "checkpoint": {"interval": 0, "keep_last": 1},
@@ -98,7 +100,7 @@ def _findings(runs_dir: Path, names: list[str]) -> list[tuple[str, list[F.Findin
 
 
 def run_study(out: Path, model: str, quick: bool = False, progress: bool = True, precision: str = "auto",
-              jobs: int | None = None) -> dict:
+              jobs: int | None = None, task_limit: int | None = None) -> dict:
     from rewarm.model_store import resolve
     from rewarm.report import report
 
@@ -107,7 +109,11 @@ def run_study(out: Path, model: str, quick: bool = False, progress: bool = True,
     if not Path(model_dir).is_dir():
         raise UserError(f"--model {model}: not an installed model or a local HF directory "
                           f"(install one with `rewarm models install smollm2-135m`).")
-    size = SIZES["quick" if quick else "full"]
+    size = dict(SIZES["quick" if quick else "full"])
+    if task_limit is not None:
+        if task_limit < 1:
+            raise UserError(f"--task-limit must be at least 1, got {task_limit}.")
+        size["task_limit"] = task_limit
     shards = build_data(out, model_dir, size, progress)
     runs = plan(out, model_dir, size, shards, precision)
     # the reference scores the tasks at step 0 for everyone, so it runs first, alone
@@ -133,6 +139,7 @@ def run_study(out: Path, model: str, quick: bool = False, progress: bool = True,
         "findings_markdown": "\n\n".join(f"Forgetting read on `{old}`:\n\n{F.as_markdown(fs)}" for old, fs in found),
         "tasks_markdown": tasks_md,
         "wall_time_s": round(time.time() - t0, 1), "size": "quick" if quick else "full", "precision": precision,
+        "settings": size,
     }
     (out / "study_result.json").write_text(json.dumps(result, indent=2))
     return result

@@ -108,9 +108,9 @@ def plot_lrs(runs: list[RunData], out: Path) -> Path:
     return path
 
 
-def plot_tradeoff(runs: list[RunData], out: Path) -> Path | None:
+def plot_tradeoff(runs: list[RunData], out: Path, up: str = "upstream", down: str = "downstream") -> Path | None:
     # a from-scratch run never knew the upstream data: its "forgetting" means nothing
-    pts = [(r.name, r.forgetting(), r.adaptation()) for r in runs if r.config.get("init") != "scratch"]
+    pts = [(r.name, r.forgetting(up), r.adaptation(down)) for r in runs if r.config.get("init") != "scratch"]
     pts = [p for p in pts if p[1] is not None and p[2] is not None]
     if not pts:
         return None
@@ -120,8 +120,8 @@ def plot_tradeoff(runs: list[RunData], out: Path) -> Path | None:
     for name, f, a in pts:
         ax.scatter([f], [a], color=colors[name], s=40)
         ax.annotate(name, (f, a), fontsize=7, xytext=(4, 3), textcoords="offset points")
-    ax.set_xlabel("forgetting: final − step-0 upstream loss  (lower is better)")
-    ax.set_ylabel("adaptation: step-0 − final downstream loss  (higher is better)")
+    ax.set_xlabel(f"forgetting: final − step-0 {up} loss  (lower is better)")
+    ax.set_ylabel(f"adaptation: step-0 − final {down} loss  (higher is better)")
     ax.set_title("the price of adapting: forgetting vs adaptation")
     ax.grid(alpha=0.3)
     path = save_figure(fig, out)
@@ -154,7 +154,8 @@ def parse_final(spec: str) -> int | None:
     return int(m.group(1))
 
 
-def run_table(runs: list[RunData], mean_last_train: int | None = None) -> tuple[list[str], list[list[str]]]:
+def run_table(runs: list[RunData], mean_last_train: int | None = None, up: str = "upstream",
+              down: str = "downstream") -> tuple[list[str], list[list[str]]]:
     sets = _set_names(runs)
     header = ["run", "tokens"]
     for s in sets:
@@ -171,7 +172,7 @@ def run_table(runs: list[RunData], mean_last_train: int | None = None) -> tuple[
         row = [r.name + ("" if r.finished else " (unfinished)"), f"{tokens:,}"]
         for s in sets:
             row += [_fmt(r.start(s)), _fmt(r.final(s)), _fmt(r.minimum(s))]
-        row += [_fmt(r.forgetting(), True), _fmt(r.adaptation(), True), _fmt(r.spike(), True)]
+        row += [_fmt(r.forgetting(up), True), _fmt(r.adaptation(down), True), _fmt(r.spike(up), True)]
         if mean_last_train:
             row.append(_fmt(r.mean_last_train(mean_last_train)))
         for t in tasks:
@@ -253,24 +254,26 @@ def report(paths: list[str], out_dir: str | Path, fmt: str = "md", title: str = 
     by_name = {r.name: r for r in runs}
     roles = F.find_roles(paths, set(by_name), roles_file)
     dashed = {n for n in ((roles.scratch, roles.constant) if roles else ()) if n}
+    names = (roles.upstream, roles.downstream) if roles else ("upstream", "downstream")  # what forgetting is read on
     images = {
         **(extra_images or {}),
         "Held-out loss vs tokens": plot_losses(runs, out / "loss_vs_tokens.png", dashed),
-        "Forgetting vs adaptation": plot_tradeoff(runs, out / "tradeoff.png"),
+        "Forgetting vs adaptation": plot_tradeoff(runs, out / "tradeoff.png", *names),
         "Downstream tasks vs tokens": plot_downstream(runs, out / "downstream.png"),
         "Learning rates": plot_lrs(runs, out / "lr.png"),
     }
     images = {k: v for k, v in images.items() if v is not None}
-    header, rows = run_table(runs, mean_last_train)
+    header, rows = run_table(runs, mean_last_train, *names)
     replicates = replicate_table(runs, *(roles.upstream, roles.downstream) if roles else ())
     tables = [("Seed replicates (mean ± spread)", *replicates),
               ("Downstream tasks: accuracy at step 0 and at the end (± standard error)", *task_change_table(runs)),
               ("Text samples: greedy continuations at step 0 and at the end", *samples_table(runs))]
     tables = [t for t in tables if t[2]]
     found = F.compute(by_name, roles) if roles else []
-    notes = ("Step-0 loss: the eval before the first update. Final: the last eval. Forgetting = final − step-0 "
-             "upstream loss; adaptation = step-0 − final downstream loss; spike = peak upstream loss over the evals "
-             "in the first 10% of steps minus step-0 upstream loss. Downstream columns: the last downstream evaluation "
+    up, down = names
+    notes = (f"Step-0 loss: the eval before the first update. Final: the last eval. Forgetting = final − step-0 "
+             f"`{up}` loss; adaptation = step-0 − final `{down}` loss; spike = peak `{up}` loss over the evals "
+             f"in the first 10% of steps minus step-0 `{up}` loss. Downstream columns: the last downstream evaluation "
              "(accuracy and p_choices(gold), the softmax over the choices' log-likelihoods, ± standard error). "
              "Findings: definitions and verdicts (holds / does not hold at this scale / within noise / incomplete) "
              "as in docs/findings.md.")
