@@ -127,6 +127,19 @@ def test_roles_that_a_study_does_not_have_are_incomplete_not_vacuous():
     assert all(found[fid].verdict == F.HOLDS for fid in ("b", "c", "f", "s"))
 
 
+def test_a_spike_that_never_rises_above_step_0_is_degenerate_not_a_verdict():
+    """Seen on the real-model study: evals at steps 1-2 with the LR still 0 at step 1 -> no run rose;
+    comparing those flat 'peaks' with the constant-LR run's would 'hold' vacuously."""
+    runs = paper_like()
+    for n in list(runs):
+        if n != "constant_lr":
+            r = runs[n]
+            r.evals = [(s, t, dict(sets, upstream=min(sets["upstream"], r.evals[0][2]["upstream"])) if s > 0 else sets)
+                       for s, t, sets in r.evals]
+    found = by_id(F.compute(runs, R))
+    assert found["s"].verdict == F.DEGENERATE and "no re-warmed run" in found["s"].detail
+
+
 def test_warmup_runs_that_share_a_warmup_length_are_degenerate():
     runs = paper_like()
     runs["lr_mid_warmup2"].config["schedule"]["warmup"] = 0.001  # rounds to 0 steps of 100, like warmup0

@@ -230,6 +230,10 @@ def compute(runs: dict[str, RunData], roles: Roles = DEMO_ROLES) -> list[Finding
         no_evals = [n for n in spiking + [roles.constant] if R(n).peak(up_name, window) is None]
         if no_evals:
             return INCOMPLETE, f"no upstream evals in the first 10% of steps ({window}) in {', '.join(no_evals)}"
+        if all(R(n).peak(up_name, window) <= R(n).start(up_name) for n in spiking):
+            # e.g. the window holds only evals before the first nonzero-LR update: nothing spiked to compare
+            return DEGENERATE, (f"no re-warmed run's upstream loss rose above its step-0 value in the evals at steps "
+                                f"{window}: there is no early spike to compare with the constant-LR run")
         strict, parts = [], []
         for n in spiking:
             peak = R(n).peak(up_name, window)

@@ -50,7 +50,9 @@ def build_data(out: Path, model_dir: str, size: dict, progress: bool) -> dict[st
     new = [str(p) for p in corpora.shakespeare_modern()] + [str(corpora.king_james_bible())]
     code = [str(p) for p in corpora.python_stdlib(limit_bytes=size["code_bytes"])]
     out.mkdir(parents=True, exist_ok=True)
-    wiki = corpora.wikipedia_passages(out / "wiki_passages.jsonl")
+    wiki = out / "wiki_passages.jsonl"
+    if not wiki.is_file():  # written once: a rewritten file would look like new input to `prepare`
+        corpora.wikipedia_passages(wiki)
     shards = {NEW: out / "data" / NEW, CODE: out / "data" / CODE, WIKI: out / "data" / WIKI}
     prepare(new, model_dir, shards[NEW], val_tokens=60_000, seed=0, progress=progress)
     prepare(code, model_dir, shards[CODE], val_tokens=60_000, seed=0, progress=progress)
