@@ -108,7 +108,8 @@ def test_parallel_sweep_stopped_by_sigterm_resumes_to_the_same_numbers(tmp_path,
                             stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
     runs = [tmp_path / "sweep" / n for n in ("maxlr0.001", "maxlr0.002")]
     deadline = time.time() + 120
-    while not all((r / "checkpoints" / "step_000010").exists() for r in runs) and time.time() < deadline:
+    # any checkpoint (older ones are pruned as the run goes on): both runs are past step 10 and still running
+    while not all(any((r / "checkpoints").glob("step_*")) for r in runs) and time.time() < deadline:
         time.sleep(0.1)
     proc.send_signal(signal.SIGTERM)
     out, err = proc.communicate(timeout=120)
@@ -252,7 +253,7 @@ def test_paper_style_sweep_with_roles_and_seeds_gets_a_findings_table(tmp_path, 
     rows = {line.split("|")[1].strip(): line.split("|")[3].strip(" *") for line in md.splitlines()
             if line.startswith("| ") and line.split("|")[1].strip() in list("abcdefs")}
     assert sorted(rows) == list("abcdefs")
-    assert set(rows.values()) <= {"holds", "does not hold at this scale", "within noise"}, rows
+    assert set(rows.values()) <= {"holds", "does not hold at this scale", "within noise", "degenerate"}, rows
     assert "seed noise over 3 replicates" in md and "## Seed replicates (mean ± spread)" in md
     assert "| warmup1pct | 3 |" in md
     path.write_text(yaml.safe_dump(dict(spec, roles={"reference": "warmup1pct", "constant": "nope"})))
