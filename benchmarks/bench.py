@@ -91,12 +91,12 @@ def bare_loop(shape, vocab, seq, batch, windows, steps, precision="fp32"):
     return batch * seq / statistics.median(times[2:]), model
 
 
-def hf_trainer(shape, vocab, seq, batch, windows, steps):
+def _time_hf_trainer(model, windows, batch: int, steps: int, **training_args) -> float:
+    """Median seconds per step of transformers.Trainer on `windows`, after 2 warm-up steps."""
     from datasets import Dataset
     from transformers import Trainer, TrainerCallback, TrainingArguments
 
-    model = init_scratch(model_config(shape, vocab), 0)
-    rows = np.concatenate(windows)[: batch * (steps + 2)]
+    rows = np.concatenate(windows)[: batch * steps]
     ds = Dataset.from_dict({"input_ids": rows[:, :-1].tolist(), "labels": rows[:, :-1].tolist()})
     times: list[float] = []
 
@@ -108,11 +108,16 @@ def hf_trainer(shape, vocab, seq, batch, windows, steps):
             times.append(time.perf_counter() - self.t)
 
     with tempfile.TemporaryDirectory() as out:
-        args = TrainingArguments(output_dir=out, per_device_train_batch_size=batch, max_steps=steps + 2,
-                                 learning_rate=1e-4, report_to=[], save_strategy="no", logging_strategy="no",
-                                 use_cpu=True, dataloader_num_workers=0, disable_tqdm=True, weight_decay=0.1)
+        args = TrainingArguments(output_dir=out, per_device_train_batch_size=batch, max_steps=steps, report_to=[],
+                                 save_strategy="no", logging_strategy="no", use_cpu=True, dataloader_num_workers=0,
+                                 disable_tqdm=True, **training_args)
         Trainer(model=model, args=args, train_dataset=ds, callbacks=[Timer()]).train()
-    return batch * seq / statistics.median(times[2:])
+    return statistics.median(times[2:])
+
+
+def hf_trainer(shape, vocab, seq, batch, windows, steps):
+    model = init_scratch(model_config(shape, vocab), 0)
+    return batch * seq / _time_hf_trainer(model, windows, batch, steps + 2, learning_rate=1e-4, weight_decay=0.1)
 
 
 def rewarm_trainer(shape, vocab, seq, batch, shards, steps, tmp, precision="fp32", compile_=False, name="r"):
@@ -337,27 +342,9 @@ def _bare_real(model_dir, windows, precision):
 
 
 def _hf_real(model_dir, windows, precision):
-    from datasets import Dataset
-    from transformers import Trainer, TrainerCallback, TrainingArguments
-
-    model = _load(model_dir)
-    rows = np.concatenate(windows)
-    ds = Dataset.from_dict({"input_ids": rows[:, :-1].tolist(), "labels": rows[:, :-1].tolist()})
-    times: list[float] = []
-
-    class Timer(TrainerCallback):
-        def on_step_begin(self, args, state, control, **kw):
-            self.t = time.perf_counter()
-
-        def on_step_end(self, args, state, control, **kw):
-            times.append(time.perf_counter() - self.t)
-
-    with tempfile.TemporaryDirectory() as out:
-        args = TrainingArguments(output_dir=out, per_device_train_batch_size=windows[0].shape[0], max_steps=len(windows),
-                                 learning_rate=1e-5, report_to=[], save_strategy="no", logging_strategy="no", use_cpu=True,
-                                 dataloader_num_workers=0, disable_tqdm=True, bf16=precision == "bf16")
-        Trainer(model=model, args=args, train_dataset=ds, callbacks=[Timer()]).train()
-    return windows[0].shape[0] * (windows[0].shape[1] - 1) / statistics.median(times[2:])
+    batch, seq = windows[0].shape[0], windows[0].shape[1] - 1
+    return batch * seq / _time_hf_trainer(_load(model_dir), windows, batch, len(windows), learning_rate=1e-5,
+                                          bf16=precision == "bf16")
 
 
 def _rewarm_real(model_dir, shards, seq, batch, steps, tmp, precision, extra=None, subprocess_run=False):
