@@ -51,3 +51,4 @@ clean:
 bench: setup
 	@$(PY) -c "import accelerate" 2>/dev/null || $(PY) -m pip install -q accelerate
 	$(PY) benchmarks/bench.py
+	$(PY) benchmarks/mixers.py

@@ -4,7 +4,7 @@ import json
 import pytest
 
 from conftest import assert_user_error, code_files, run_cli, small_run_config, write_config
-from rewarm.config import config_reference, load_config
+from rewarm.config import config_from_dict, config_reference, load_config
 from rewarm.errors import UserError
 
 
@@ -50,6 +50,9 @@ def test_unknown_override_and_wrong_type(tmp_path, shards):
 def test_min_lr_above_max_lr(tmp_path, shards):
     cfg = small_run_config(tmp_path / "r", shards, **{"schedule.min_lr": 1e-2})
     assert_user_error(cli_train(tmp_path, cfg), "min_lr", "larger than `schedule.max_lr`")
+    # a constant schedule never reads min_lr: a small constant LR must not trip over its default
+    config_from_dict(small_run_config(tmp_path / "c", shards, **{"schedule.name": "constant", "schedule.max_lr": 1e-5,
+                                                                 "schedule.warmup": 0}))
 
 
 def test_global_batch_not_divisible(tmp_path, shards):

@@ -78,7 +78,9 @@ def test_activation_checkpointing_gives_the_same_steps(tmp_path, shards, llama_r
     run = train(config_from_dict(cfg), progress=False)
     for x, y in zip(metrics(run.path, "train"), metrics(llama_run[0].path, "train")):
         assert x["loss"] == pytest.approx(y["loss"], rel=1e-6) and x["grad_norm"] == pytest.approx(y["grad_norm"], rel=1e-5)
-    assert metrics(run.path)[0]["peak_rss_mb"] > 0 and json.loads(run.summary.read_text())["peak_rss_mb"] > 0
+    summary = json.loads(run.summary.read_text())
+    assert metrics(run.path)[0]["peak_rss_mb"] > 0 and summary["peak_rss_mb"] > 0
+    assert 0 < summary["peak_rss_train_mb"] <= summary["peak_rss_mb"]  # the steps' own high-water mark (Linux)
 
 
 def test_text_samples_are_logged_greedy_and_leave_training_unchanged(tmp_path, shards, llama_run):
@@ -94,6 +96,8 @@ def test_text_samples_are_logged_greedy_and_leave_training_unchanged(tmp_path, s
     gen = run_cli("generate", str(run.final), "--prompt", prompts[0], "--max-new-tokens", "5")
     assert gen.returncode == 0 and gen.stdout.splitlines()[0] == prompts[0] + samples[-1]["samples"][0]["text"]
     assert_user_error(run_cli("generate", str(run.final), "--prompt", "x", "--max-new-tokens", "0"), "--max-new-tokens")
+    long = run_cli("generate", str(run.final), "--prompt", "To be, or not " * 400, "--max-new-tokens", "3")
+    assert long.returncode == 0 and "continuing its last 1021 tokens" in long.stderr, long.stderr[-2000:]
     with pytest.raises(Exception, match="list of strings"):
         config_from_dict(llama_config(tmp_path / "bad", shards, **{"eval.samples": {"prompts": [1, 2]}}))
 

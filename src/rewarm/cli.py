@@ -356,6 +356,32 @@ def _cmd_config_reference(args: argparse.Namespace) -> int:
     return 0
 
 
+def _cmd_linearize(args: argparse.Namespace) -> int:
+    from rewarm.linearize.run import linearize
+
+    r = linearize(args.config, progress=not args.quiet)
+    held = r["held_out"]
+    print(f"linearized ({r['recipe']}: softmax attention → {r['mixer']}) in {r['seconds']:.0f} s; "
+          f"tokens: stage 1 {r['tokens']['stage1']:,}, stage 2 {r['tokens']['stage2']:,}")
+    print("| eval set | teacher | student | gap (nats) |" + (" linear branch zeroed |" if "student_linear_branch_zeroed" in held else ""))
+    print("|---|---|---|---|" + ("---|" if "student_linear_branch_zeroed" in held else ""))
+    for name, t in held["teacher"].items():
+        zeroed = held.get("student_linear_branch_zeroed", {}).get(name)
+        print(f"| {name} | {t:.4f} | {held['student'][name]:.4f} | {held['gap'][name]:+.4f} |"
+              + (f" {zeroed:.4f} |" if zeroed is not None else ""))
+    for task, d in r.get("downstream", {}).items():
+        print(f"{task}: accuracy teacher {d['teacher_acc']:.3f} ± {d['teacher_acc_stderr'] or 0:.3f}, "
+              f"student {d['student_acc']:.3f} ± {d['student_acc_stderr'] or 0:.3f}")
+    for ctx, d in r["decode"].items():
+        if "skipped" in d:
+            print(f"decode after {int(ctx):,} tokens: skipped ({d['skipped']})")
+        else:
+            print(f"decode after {int(ctx):,} tokens: teacher {d['teacher_tok_s']:,.1f} tok/s, KV cache "
+                  f"{d['teacher_state_mb']:,.1f} MB; student {d['student_tok_s']:,.1f} tok/s, state {d['student_state_mb']:,.1f} MB")
+    print(f"final/: {r['final']}  (loads with AutoModelForCausalLM after `import rewarm`)")
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="rewarm", description="Continual pre-training of language models.")
     p.add_argument("-v", "--verbose", action="store_true", help="debug logging")
@@ -485,6 +511,11 @@ def build_parser() -> argparse.ArgumentParser:
                          "(adds the mean training loss over the last N steps, Ibrahim et al. 2024's definition)")
     rp.set_defaults(func=_cmd_report)
 
+    li = sub.add_parser("linearize", help="turn a pretrained Transformer into a linear-time model (LoLCATs, Hedgehog, Liger)")
+    li.add_argument("config", help="a run config (model.path = the teacher, data, train, eval) with a `linearize:` section")
+    li.add_argument("-q", "--quiet", action="store_true", help="no progress bars")
+    li.set_defaults(func=_cmd_linearize)
+
     cr = sub.add_parser("config", help="config tools").add_subparsers(dest="cfg_command", required=True)
     cr.add_parser("reference", help="print every config key, default and meaning").set_defaults(func=_cmd_config_reference)
 
@@ -493,7 +524,7 @@ def build_parser() -> argparse.ArgumentParser:
                                               "or demo_real_out with --model)")
     dm.add_argument("--model", help="the real-model study on an installed model or HF directory, e.g. smollm2-135m "
                                     "(`rewarm models install smollm2-135m` first)")
-    dm.add_argument("--quick", action="store_true", help="fewer steps and tokens, same pipeline (~3 minutes)")
+    dm.add_argument("--quick", action="store_true", help="fewer steps and tokens, same pipeline (~3 minutes; with --model ~7)")
     dm.add_argument("-q", "--quiet", action="store_true", help="no progress bars")
     dm.add_argument("--precision", choices=("auto", "fp32", "bf16"), default="auto",
                     help="train.precision of every run (auto: bf16 on CPUs with bf16 units, else fp32)")
@@ -519,6 +550,9 @@ def main(argv: list[str] | None = None) -> int:
         pass
     for noisy in ("httpx", "urllib3", "datasets", "filelock", "fsspec"):
         logging.getLogger(noisy).setLevel(logging.WARNING)
+    quiet_before = os.environ.get("TQDM_DISABLE")
+    if getattr(args, "quiet", False):  # -q silences other libraries' bars too (lm-eval, datasets)
+        os.environ["TQDM_DISABLE"] = "1"
     try:
         return int(args.func(args) or 0)
     except UserError as exc:
@@ -533,3 +567,8 @@ def main(argv: list[str] | None = None) -> int:
         else:
             print("interrupted; nothing half-written is kept (run the same command again)", file=sys.stderr)
         return 130
+    finally:
+        if quiet_before is None:
+            os.environ.pop("TQDM_DISABLE", None)
+        else:
+            os.environ["TQDM_DISABLE"] = quiet_before

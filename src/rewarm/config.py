@@ -46,6 +46,11 @@ class ModelConfig:
     overrides: dict = _f({}, "HF config fields to override on the preset/loaded config, e.g. {num_hidden_layers: 2}")
     vocab_size: Optional[int] = _f(None, "model vocab size for scratch models; default: tokenizer size rounded up to a multiple of 64")
     trust_remote_code: bool = _f(False, "allow custom modelling code from the hub (off by default)")
+    mixer: Any = _f(None, "sequence mixer for `init: scratch` on a Llama-family preset: softmax (the preset's own "
+                          "attention, default), hedgehog, linear, gla, liger, lolcats, deltanet, norm_attention, diag_attention, mom, "
+                          "transnormer, a hybrid like deltanet/softmax@4 (every 4th layer softmax), or a list per layer")
+    mixer_backend: str = _f("auto", "kernels of the linear mixers: torch (pure PyTorch, any device), fla "
+                                    "(flash-linear-attention on CUDA), auto (fla when installed and on CUDA)")
 
 
 @dataclass
@@ -189,6 +194,7 @@ CHOICES = {
     "optimizer.state": ("fresh", "from_checkpoint"),
     "schedule.decay_shape": ("linear", "1-sqrt", "cosine"),
     "schedule.cooldown_shape": ("cosine", "inv_sqrt"),
+    "model.mixer_backend": ("auto", "torch", "fla"),
 }
 @dataclass(frozen=True)
 class Range:
@@ -402,16 +408,20 @@ def read_yaml(path: Path) -> Any:
         raise UserError(f"{path}: {exc}") from None
 
 
+def read_mapping(path: str | Path, what: str, shape: str = "keys") -> dict:
+    """A YAML file that must exist and hold a mapping at the top level (configs, sweep files)."""
+    p = Path(path)
+    if not p.is_file():
+        raise UserError(f"{what} {p} does not exist. Pass the path to a YAML {what}.")
+    raw = read_yaml(p) or {}
+    if not isinstance(raw, dict):
+        raise UserError(f"{what} {p} must hold a mapping of {shape} at the top level.")
+    return raw
+
+
 def load_config(path: str | Path | None, overrides: list[str] | None = None) -> RunConfig:
     """Read YAML (or start empty), apply `--set` overrides, validate, return a RunConfig."""
-    raw: dict = {}
-    if path is not None:
-        p = Path(path)
-        if not p.is_file():
-            raise UserError(f"config file {p} does not exist. Pass the path to a YAML run config.")
-        raw = read_yaml(p) or {}
-        if not isinstance(raw, dict):
-            raise UserError(f"config file {p} must hold a mapping of keys at the top level.")
+    raw: dict = read_mapping(path, "run config") if path is not None else {}
     raw = apply_overrides(raw, overrides or [])
     cfg = _build(RunConfig, raw, "")
     _resolve_installed_names(cfg)
@@ -485,7 +495,7 @@ def validate(cfg: RunConfig) -> None:
         raise UserError("`out_dir` is empty (an unset shell variable?): name the run directory, e.g. runs/my-run. "
                         "rewarm never writes a run into the current directory by accident.")
     check_batch(t, world=1)
-    if s.min_lr > s.max_lr:
+    if s.min_lr > s.max_lr and s.name != "constant":  # a constant schedule never reads min_lr
         raise UserError(
             f"`schedule.min_lr` ({s.min_lr}) is larger than `schedule.max_lr` ({s.max_lr}). "
             f"Set min_lr <= max_lr (the papers use min_lr = 0.1 x max_lr)."
@@ -517,6 +527,13 @@ def validate(cfg: RunConfig) -> None:
     eval_names = [e.name for e in cfg.data.eval]
     if len(set(eval_names)) != len(eval_names) or any(not n for n in eval_names):
         raise UserError(f"`data.eval` sets need unique, non-empty names, got {eval_names}.")
+    mixer = cfg.model.mixer
+    if mixer is not None and not (isinstance(mixer, str) or (isinstance(mixer, list) and all(isinstance(m, str) for m in mixer))):
+        raise UserError(f"`model.mixer` must be a mixer name, a pattern like deltanet/softmax@4, or a list of names "
+                        f"(one per layer); got {mixer!r}.")
+    if mixer is not None and cfg.init == "weights":
+        raise UserError("`model.mixer` builds a new architecture for `init: scratch`; pretrained weights keep their "
+                        "own attention. To turn a pretrained model's attention into a linear mixer, use `rewarm linearize`.")
     if cfg.init == "scratch" and not cfg.model.preset and not cfg.model.path:
         raise UserError("`init: scratch` needs `model.preset` (e.g. tiny) or `model.path` (an HF config to copy).")
     if cfg.init == "weights" and not cfg.model.path:

@@ -107,17 +107,22 @@ def autocast(device: torch.device, precision: str):
 
 
 def lm_loss(model: torch.nn.Module, windows: torch.Tensor, reduction: str = "mean", fused: bool = True,
-            backbone: torch.nn.Module | None = None) -> torch.Tensor:
+            backbone: torch.nn.Module | None = None, with_aux: bool = False):
     """Next-token cross-entropy of `windows` (rows of seq_len + 1 ids): the labels are shifted,
     the logits are not sliced (slicing them copies the largest tensor of the step). On a plain HF
     model the head and the loss run fused over row chunks (`fused_loss`): the full logits never exist.
     DDP/FSDP-wrapped or compiled models take the unfused path (their hooks must see the whole forward);
-    `backbone` replaces the model's own body on the fused path (train.compile passes a compiled one)."""
+    `backbone` replaces the model's own body on the fused path (train.compile passes a compiled one).
+    With `with_aux`, returns (loss, aux): aux is the `aux_loss` the model put in its output (an MoE's
+    load balancing, already weighted by the model's coefficient) or None; the loop adds and logs it."""
     inputs, targets = windows[:, :-1], windows[:, 1:]
     parts = head_and_backbone(model) if fused else None
     if parts is not None:
         body, head = parts
-        hidden = (body if backbone is None else backbone)(input_ids=inputs, use_cache=False).last_hidden_state
-        return linear_cross_entropy(hidden, head.weight, head.bias, targets, reduction=reduction)
-    logits = model(input_ids=inputs, use_cache=False).logits
-    return F.cross_entropy(logits.reshape(-1, logits.size(-1)).float(), targets.reshape(-1), reduction=reduction)
+        out = (body if backbone is None else backbone)(input_ids=inputs, use_cache=False)
+        loss = linear_cross_entropy(out.last_hidden_state, head.weight, head.bias, targets, reduction=reduction)
+    else:
+        out = model(input_ids=inputs, use_cache=False)
+        logits = out.logits
+        loss = F.cross_entropy(logits.reshape(-1, logits.size(-1)).float(), targets.reshape(-1), reduction=reduction)
+    return (loss, getattr(out, "aux_loss", None)) if with_aux else loss

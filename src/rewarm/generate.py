@@ -6,14 +6,19 @@ must not change the run's numbers).
 """
 from __future__ import annotations
 
-import inspect
+import dataclasses
+import logging
 
 import torch
 
+log = logging.getLogger(__name__)
+
 
 def _cache_arg(model) -> str:
-    """The forward's KV-cache argument: `cache` (transformers >= 5.2x) or `past_key_values` (before)."""
-    return "cache" if "cache" in inspect.signature(model.forward).parameters else "past_key_values"
+    """The KV-cache argument and output field: `cache` (transformers >= 5.2x) or `past_key_values` (before)."""
+    from transformers.modeling_outputs import CausalLMOutputWithPast
+
+    return "cache" if "cache" in {f.name for f in dataclasses.fields(CausalLMOutputWithPast)} else "past_key_values"
 
 
 @torch.no_grad()
@@ -33,6 +38,11 @@ def continue_prompts(model, tokenizer, prompts: list[str], max_new_tokens: int =
             ids = tokenizer(prompt, return_tensors="pt").input_ids.to(device)
             if ids.shape[1] == 0:  # an empty prompt: start from the end-of-text token, as a document would
                 ids = torch.tensor([[eos if eos is not None else 0]], device=device)
+            keep = None if max_pos is None else max(1, max_pos - max_new_tokens)
+            if keep is not None and ids.shape[1] > keep:  # as a sliding context would: the prompt's end matters
+                log.warning("a prompt of %d tokens leaves no room for %d new ones in the model's %d positions; "
+                            "continuing its last %d tokens", ids.shape[1], max_new_tokens, max_pos, keep)
+                ids = ids[:, -keep:]
             budget = max_new_tokens if max_pos is None else max(0, min(max_new_tokens, max_pos - ids.shape[1]))
             new: list[int] = []
             past, step_ids = None, ids

@@ -67,31 +67,70 @@ def round_vocab(n: int, multiple: int = 64) -> int:
     return ((n + multiple - 1) // multiple) * multiple
 
 
-def build_config(preset: str | None, path: str | None, overrides: dict, tokenizer_len: int, vocab_size: int | None, eos_id: int):
-    """An HF config from a preset name or a config found at `path`, with overrides applied."""
-    from transformers import AutoConfig
+MIXER_MODEL_TYPE = "rewarm_mixer"  # registered by rewarm.mixers on `import rewarm`
 
+
+def _with_mixer(model_type: str, fields: dict, mixer, backend: str, origin: str) -> tuple[str, dict]:
+    """A Llama-family shape with another sequence mixer is a `rewarm_mixer` model of the same fields."""
+    if mixer is None or mixer == "softmax":
+        return model_type, fields
+    if model_type not in ("llama", MIXER_MODEL_TYPE):
+        raise UserError(f"`model.mixer: {mixer}` needs a Llama-family shape (presets llama-tiny, smollm2-135m, or a "
+                        f"Llama config); {origin} is {model_type}.")
+    return MIXER_MODEL_TYPE, {**fields, "mixer": mixer, "backend": backend}
+
+
+def build_config(preset: str | None, path: str | None, overrides: dict, tokenizer_len: int, vocab_size: int | None,
+                 eos_id: int, mixer=None, mixer_backend: str = "auto"):
+    """An HF config from a preset name or a config found at `path`, with overrides applied
+    (and, with `mixer`, the same shape with another sequence mixer: see rewarm.mixers)."""
+
+    if not preset and mixer not in (None, "softmax"):
+        loaded = load_config(path)
+        preset_fields = {k: v for k, v in loaded.to_dict().items() if k not in ("architectures", "auto_map")}
+        model_type = preset_fields.pop("model_type")
+        model_type, fields = _with_mixer(model_type, preset_fields, mixer, mixer_backend, f"the config of {path}")
+        return _build_preset_config(model_type, fields, overrides, tokenizer_len, vocab_size, eos_id, keep_ids=True)
     if preset:
         if preset not in PRESETS:
             raise UserError(f"unknown model preset `{preset}`{did_you_mean(preset, PRESETS)}. Choose one of: {', '.join(PRESETS)}.")
         fields = dict(PRESETS[preset])
         model_type = fields.pop("model_type")
-        if fields.get("vocab_size") is None:
-            fields["vocab_size"] = round_vocab(tokenizer_len)
+        model_type, fields = _with_mixer(model_type, fields, mixer, mixer_backend, f"preset {preset}")
+        return _build_preset_config(model_type, fields, overrides, tokenizer_len, vocab_size, eos_id)
+    config = load_config(path)
+    apply_overrides(config, overrides)
+    if vocab_size is not None:
+        config.vocab_size = vocab_size
+    check_vocab(config.vocab_size, tokenizer_len)
+    return config
+
+
+def _build_preset_config(model_type: str, fields: dict, overrides: dict, tokenizer_len: int, vocab_size: int | None,
+                         eos_id: int, keep_ids: bool = False):
+    """A config of `model_type` from preset-like `fields`, with `model.overrides` applied."""
+    from transformers import AutoConfig
+
+    if fields.get("vocab_size") is None:
+        fields["vocab_size"] = round_vocab(tokenizer_len)
+    if not keep_ids:
         fields["bos_token_id"] = fields["eos_token_id"] = eos_id
-        config = AutoConfig.for_model(model_type, **fields)
-        apply_overrides(config, overrides)  # checks the keys first
-        # then build again with them, so fields derived at construction (Llama's head_dim) follow
-        try:
-            config = AutoConfig.for_model(model_type, **{**fields, **(overrides or {})})
-        except Exception as exc:  # transformers' own validation (ValueError, or huggingface_hub's class errors)
-            cause = exc.__cause__ or exc
-            raise UserError(f"the model does not build or run with this config ({type(cause).__name__}: "
-                            f"{str(cause).splitlines()[0] if str(cause) else ''}). Check `model.overrides` "
-                            f"({overrides}).") from None
-    else:
-        config = load_config(path)
-        apply_overrides(config, overrides)
+    # the shape a per-layer mixer list is checked against is the one after the overrides
+    first = {**fields, **({"num_hidden_layers": overrides["num_hidden_layers"]}
+                          if "mixer" in fields and "num_hidden_layers" in (overrides or {}) else {})}
+    try:
+        config = AutoConfig.for_model(model_type, **first)
+    except ValueError as exc:  # the mixer config's own checks (an unknown mixer name, with its did-you-mean)
+        raise UserError(f"`model.mixer`: {exc}") from None
+    apply_overrides(config, overrides)  # checks the keys first
+    # then build again with them, so fields derived at construction (Llama's head_dim) follow
+    try:
+        config = AutoConfig.for_model(model_type, **{**fields, **(overrides or {})})
+    except Exception as exc:  # transformers' own validation (ValueError, or huggingface_hub's class errors)
+        cause = exc.__cause__ or exc
+        raise UserError(f"the model does not build or run with this config ({type(cause).__name__}: "
+                        f"{str(cause).splitlines()[0] if str(cause) else ''}). Check `model.overrides` "
+                        f"({overrides}).") from None
     if vocab_size is not None:
         config.vocab_size = vocab_size
     check_vocab(config.vocab_size, tokenizer_len)

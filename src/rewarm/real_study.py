@@ -35,9 +35,10 @@ SIZES = {
     # needs six rounds (step 0 once, the end of each run), so the tasks, not training, set the time;
     # the training budget is the smallest that shows adaptation and forgetting clearly (README).
     "full": dict(seq_len=256, batch=4, steps=24, warmup=2, eval_tokens=1536, eval_interval=8, dense=1,
-                 task_limit=200, code_bytes=3_000_000, lrs=(1e-4, 3e-4, 1e-3)),
-    "quick": dict(seq_len=128, batch=4, steps=6, warmup=1, eval_tokens=512, eval_interval=3, dense=1,
-                  task_limit=10, code_bytes=1_000_000, lrs=(1e-4, 3e-4, 1e-3)),
+                 task_limit=200, code_bytes=3_000_000, lrs=(1e-4, 3e-4, 1e-3), sample_tokens=24),
+    # a smoke run of the same pipeline within 10 minutes: no dense evals, short samples
+    "quick": dict(seq_len=64, batch=4, steps=6, warmup=1, eval_tokens=256, eval_interval=3, dense=0,
+                  task_limit=10, code_bytes=1_000_000, lrs=(1e-4, 3e-4, 1e-3), sample_tokens=8),
 }
 
 ROLES = F.Roles(reference="lr_mid", max_lrs=["lr_low", "lr_mid", "lr_high"], constant="constant_low",
@@ -79,7 +80,7 @@ def plan(out: Path, model_dir: str, size: dict, shards: dict[str, Path], precisi
             "eval": {"interval": size["eval_interval"], "interval_warmup": size["dense"],
                      "dense_until": max(size["steps"] // 10, 1), "tokens": size["eval_tokens"], "batch": 8,
                      "downstream": {"tasks": TASKS, "limit": size["task_limit"], "batch": 16, "at_start": at_start},
-                     "samples": {"prompts": PROMPTS, "max_new_tokens": 24}},
+                     "samples": {"prompts": PROMPTS, "max_new_tokens": size["sample_tokens"]}},
             "checkpoint": {"interval": 0, "keep_last": 1},
         }
         return PlannedRun(name, raw)

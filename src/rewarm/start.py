@@ -61,6 +61,7 @@ class RunState:
     precision: str = "fp32"  # train.precision resolved (auto -> fp32 / bf16)
     state: TrainerState = field(default_factory=TrainerState)
     last_rollback_to: int | None = None  # each rollback must go further back than this
+    peak_rss_train_mb: float | None = None  # the memory high-water mark of the steps alone (Linux)
 
     @property
     def tokens_per_step(self) -> int:
@@ -260,7 +261,7 @@ def start_run(cfg: RunConfig, run: RunDir, d: Dist, *, overwrite: bool = False, 
     try:
         if cfg.init == "scratch":
             hf_config = build_config(cfg.model.preset, cfg.model.path, cfg.model.overrides, len(tokenizer),
-                                     cfg.model.vocab_size, tokenizer.eos_token_id)
+                                     cfg.model.vocab_size, tokenizer.eos_token_id, cfg.model.mixer, cfg.model.mixer_backend)
             model = init_scratch(hf_config, cfg.seed)
             origin = f"preset {cfg.model.preset}" if cfg.model.preset else f"config of {cfg.model.path}"
         else:

@@ -29,7 +29,7 @@ from typing import Any
 from tqdm import tqdm
 
 from rewarm import atomic
-from rewarm.config import config_from_dict, dump_yaml, read_yaml, set_dotted
+from rewarm.config import config_from_dict, dump_yaml, read_mapping, read_yaml, set_dotted
 from rewarm.errors import UserError
 from rewarm.rundir import RunDir
 
@@ -66,11 +66,7 @@ def _set(raw: dict, assignment: dict[str, Any]) -> dict:
 
 def load_sweep(path: str | Path) -> dict:
     p = Path(path)
-    if not p.is_file():
-        raise UserError(f"sweep file {p} does not exist.")
-    spec = read_yaml(p) or {}
-    if not isinstance(spec, dict):
-        raise UserError(f"sweep file {p} must hold a mapping (name, out_dir, base, axes, runs).")
+    spec = read_mapping(p, "sweep file", "name, out_dir, base, axes, runs")
     unknown = set(spec) - {"name", "out_dir", "base", "axes", "runs", "seeds", "roles"}
     if unknown:
         raise UserError(f"sweep file {p}: unknown top-level keys {sorted(unknown)}; valid: name, out_dir, base, axes, runs, "

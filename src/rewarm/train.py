@@ -19,7 +19,7 @@ from typing import Any
 import torch
 from tqdm import tqdm
 
-from rewarm import atomic, checkpoint, distributed
+from rewarm import atomic, checkpoint, distributed, memory
 from rewarm.config import RunConfig, last_step, warmup_steps
 from rewarm.errors import DiskFull, Diverged, Preempted
 from rewarm.evaluate import evaluate
@@ -79,6 +79,7 @@ def _loop(cfg: RunConfig, run: RunDir, st: RunState, metrics: MetricsWriter, sto
     bad_in_row = 0
 
     metrics.write(st.start_event())
+    measuring_training_memory = memory.reset_rss_peak()  # from here on, the high-water mark is training's
     if ts.step == 0 and st.eval_sets:
         _run_eval(st, metrics)  # the baseline that forgetting and adaptation are measured from
     if ts.step == 0 and cfg.eval.downstream.tasks and cfg.eval.downstream.at_start:
@@ -103,6 +104,7 @@ def _loop(cfg: RunConfig, run: RunDir, st: RunState, metrics: MetricsWriter, sto
                 "event": "train", "step": step, "tokens": step * st.tokens_per_step, "lr": result.lr,
                 "loss": result.loss, "grad_norm": result.grad_norm, "tokens_per_s": round(tok_s, 1),
                 "source_tokens": st.mixture.tokens_per_source(step * t.global_batch),
+                **({"aux_loss": result.aux_loss} if result.aux_loss is not None else {}),
             })
             bar.set_postfix(loss=f"{result.loss:.3f}", lr=f"{result.lr:.2e}", tok_s=f"{tok_s:,.0f}")
         bar.update(1)
@@ -124,6 +126,8 @@ def _loop(cfg: RunConfig, run: RunDir, st: RunState, metrics: MetricsWriter, sto
             raise Preempted(f"stopped by {signame} after step {step}; checkpoint saved. "
                             f"Resume with: rewarm train {run.config} --resume")
     bar.close()
+    if measuring_training_memory:  # steps, evals and checkpoints; not loading the model, not final/
+        st.peak_rss_train_mb = memory.rss_peak_since_reset_mb()
 
 
 @dataclass
@@ -132,6 +136,7 @@ class StepResult:
     grad_norm: float  # before clipping
     lr: float
     finite: bool  # False: the update was skipped
+    aux_loss: float | None = None  # auxiliary losses the model returned (e.g. load balancing), already weighted
 
 
 @dataclass
@@ -170,19 +175,27 @@ def train_step(st: RunState, fns: _StepFunctions) -> StepResult:
     windows, _ = st.mixture.batch(ts.step, d.rank, d.world)
     micro_batches = torch.from_numpy(windows).split(cfg.train.micro_batch)
     loss_t = torch.zeros((), dtype=torch.float64, device=st.device)  # summed on the device: no sync per micro-batch
+    aux_t = None
     for i, micro in enumerate(micro_batches):
         with distributed.set_grad_sync(st.model, d, sync=i == len(micro_batches) - 1):
             with autocast(st.device, st.precision):
-                loss = lm_loss(fns.forward, micro.to(st.device, non_blocking=True), backbone=fns.backbone) / fns.accum
-            (fns.scaler.scale(loss) if fns.scaler else loss).backward()
+                loss, aux = lm_loss(fns.forward, micro.to(st.device, non_blocking=True), backbone=fns.backbone,
+                                    with_aux=True)
+                loss = loss / fns.accum
+                total = loss if aux is None else loss + aux / fns.accum  # the model's own auxiliary losses (seam)
+            (fns.scaler.scale(total) if fns.scaler else total).backward()
         loss_t += loss.detach().double()
+        if aux is not None:
+            aux_t = (aux.detach().double() / fns.accum) + (aux_t if aux_t is not None else 0.0)
     if fns.scaler:
         fns.scaler.unscale_(opt)
     clip = cfg.optimizer.grad_clip if cfg.optimizer.grad_clip > 0 else math.inf
     norm = torch.nn.utils.clip_grad_norm_(fns.params, clip)
     norm = norm.full_tensor() if hasattr(norm, "full_tensor") else norm
-    # one device->host copy per step for both numbers (each .item() stalls a GPU until its queue drains)
-    loss_sum, grad_norm = torch.stack([loss_t, norm.detach().double()]).tolist()
+    # one device->host copy per step for all numbers (each .item() stalls a GPU until its queue drains)
+    host = torch.stack([loss_t, norm.detach().double(), aux_t if aux_t is not None else loss_t]).tolist()
+    loss_sum, grad_norm = host[0], host[1]
+    aux_mean = d.mean(host[2], st.device) if aux_t is not None else None
     loss_sum = d.mean(loss_sum, st.device)  # every rank sees (and agrees on) the global loss
     finite = math.isfinite(loss_sum) and math.isfinite(grad_norm)
     if finite and fns.scaler:
@@ -196,7 +209,7 @@ def train_step(st: RunState, fns: _StepFunctions) -> StepResult:
     opt.zero_grad(set_to_none=True)
     ts.step += 1
     ts.tokens = ts.step * st.tokens_per_step
-    return StepResult(loss_sum, grad_norm, lr, finite)
+    return StepResult(loss_sum, grad_norm, lr, finite, aux_mean)
 
 
 def _due(step: int, every: int) -> bool:
@@ -325,9 +338,10 @@ def _finish(run: RunDir, st: RunState, metrics: MetricsWriter) -> None:
         summary["final"][name] = series[-1][1]
         best = min(series, key=lambda x: x[1])
         summary["best"][name] = {"loss": best[1], "step": best[0]}
-    from rewarm.memory import peak_memory_mb
-
-    summary.update(peak_memory_mb(st.device))
+    summary.update(memory.peak_memory_mb(st.device))
+    if st.peak_rss_train_mb is not None:  # VmHWM can run a page ahead of ru_maxrss: the lifetime peak is the larger
+        summary["peak_rss_train_mb"] = st.peak_rss_train_mb
+        summary["peak_rss_mb"] = max(summary["peak_rss_mb"], st.peak_rss_train_mb)
     atomic.write_json(run.summary, summary)
     metrics.write({"event": "end", "step": steps, "summary": summary})
 
