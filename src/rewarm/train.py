@@ -9,6 +9,7 @@ checkpoint carries besides the weights).
 from __future__ import annotations
 
 import contextlib
+import gc
 import logging
 import math
 import signal
@@ -44,6 +45,7 @@ def train(cfg: RunConfig, *, overwrite: bool = False, allow_config_change: bool 
     if d.is_main:
         run.acquire_lock()
     threads = torch.get_num_threads()
+    st = None
     try:
         with _StopOnSignal() as stop:
             st = start_run(cfg, run, d, overwrite=overwrite, allow_config_change=allow_config_change)
@@ -63,6 +65,10 @@ def train(cfg: RunConfig, *, overwrite: bool = False, allow_config_change: bool 
             run.release_lock()
             if created and run.path.is_dir() and not any(run.path.iterdir()):
                 run.path.rmdir()  # refused before anything was written: leave no empty run directory behind
+        # the DDP wrapper's gloo Reducer must die before its process group: destroying the group
+        # first has hung a rank at exit (seen with the mixer models)
+        st = None
+        gc.collect()
         distributed.teardown()
     return run
 
