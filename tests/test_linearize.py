@@ -137,7 +137,9 @@ def test_linearize_end_to_end(tmp_path, shards, teacher_dir):
 
 
 def test_liger_skips_stage_1_and_tasks_compare_teacher_and_student(tmp_path, shards, teacher_dir):
-    cfg = linearize_config(tmp_path, shards, teacher_dir, recipe="liger", stage2_steps=3, compare_contexts=[32])
+    cache = tmp_path / "teacher.json"
+    cfg = linearize_config(tmp_path, shards, teacher_dir, recipe="liger", stage2_steps=3, compare_contexts=[32],
+                           compare_teacher_cache=str(cache))
     cfg.write_text(cfg.read_text().replace("\neval:\n", "\neval:\n  downstream: {tasks: [arc_easy], limit: 4, batch: 4}\n", 1))
     proc = run_cli("linearize", str(cfg), "-q")
     assert proc.returncode == 0, proc.stderr[-3000:]
@@ -146,6 +148,19 @@ def test_liger_skips_stage_1_and_tasks_compare_teacher_and_student(tmp_path, sha
     assert not (tmp_path / "lin" / "stage1_transfer").exists()
     summary = json.loads((tmp_path / "lin" / "summary.json").read_text())
     assert summary["new_parameters"] == [] and summary["lora_merged"] == 3 * 2
+    # the teacher's side is kept in the shared cache: a second recipe reads it instead of scoring again
+    (key, kept), = json.loads(cache.read_text()).items()
+    assert kept["held_out"] == summary["held_out"]["teacher"] and kept["downstream"]["arc_easy"]["acc"] == task["teacher_acc"]
+    kept["held_out"] = {name: 123.0 for name in kept["held_out"]}  # a marker: only a cache hit can report it
+    cache.write_text(json.dumps({key: kept}))
+    second = tmp_path / "second.yaml"
+    second.write_text(cfg.read_text().replace(str(tmp_path / "lin"), str(tmp_path / "lin2")))
+    assert run_cli("linearize", str(second), "-q").returncode == 0
+    assert set(json.loads((tmp_path / "lin2" / "summary.json").read_text())["held_out"]["teacher"].values()) == {123.0}
+    cache.write_text("{not json")  # a damaged cache is recomputed, not trusted
+    (tmp_path / "lin2" / "summary.json").unlink()
+    assert run_cli("linearize", str(second), "-q").returncode == 0
+    assert json.loads((tmp_path / "lin2" / "summary.json").read_text())["held_out"]["teacher"] == summary["held_out"]["teacher"]
 
 
 def test_bad_linearize_input_exits_2(tmp_path, shards, teacher_dir):
@@ -161,6 +176,7 @@ def test_bad_linearize_input_exits_2(tmp_path, shards, teacher_dir):
              ({"compare_contexts": 64}, "list of positive integers"),
              ({"lora_targets": ["qkv_proj"]}, "LoRA target `qkv_proj`"),
              ({"stage1_steps": 0, "stage2_steps": 0}, "nothing would train"),
+             ({"compare_teacher_cache": 5}, "path of a .json file"),
              ({"windw": 4}, "did you mean `window`")]
     for spec, needle in cases:
         assert_user_error(run_cli("linearize", str(linearize_config(tmp_path, shards, teacher_dir, **spec))), needle)

@@ -3,10 +3,14 @@ loss with its linear branch zeroed (does the model use it, or bypass it through 
 decoding speed and state memory after long contexts, and text samples from both."""
 from __future__ import annotations
 
+import hashlib
+import json
 import time
+from pathlib import Path
 
 import torch
 
+from rewarm import atomic
 from rewarm.generate import _cache_arg, continue_prompts
 
 DEFAULT_PROMPTS = ["The history of the city begins", "def read_config(path):", "Thou shalt not"]
@@ -66,12 +70,58 @@ def decode_speed(model, context: int, new_tokens: int, vocab: int) -> tuple[floa
     return rate, measured if measured else kv_cache_bytes(model.config, context + new_tokens)
 
 
-def compare(teacher, student, cfg, spec, hybrid: bool) -> dict:
+def _teacher_key(cfg, prompts: list[str], n: int) -> str:
+    """What the teacher's side depends on: its weights, the eval sets, the tasks and the prompts
+    (not the recipe). A changed teacher file or setting gives a new key, never a stale number."""
+    weights = sorted(Path(str(cfg.model.path)).glob("*.safetensors"))  # model.path is resolved by now
+    ds = cfg.eval.downstream
+    what = {
+        "teacher_path": str(cfg.model.path),
+        "teacher": [(str(w.resolve()), w.stat().st_size, w.stat().st_mtime_ns) for w in weights],
+        "sets": [(s.name, str(Path(s.path).resolve())) for s in cfg.data.eval],
+        "seq_len": cfg.train.seq_len, "eval_tokens": cfg.eval.tokens, "eval_batch": cfg.eval.batch,
+        "tasks": list(ds.tasks), "limit": ds.limit, "num_fewshot": ds.num_fewshot,
+        "prompts": prompts, "new_tokens": n,
+    }
+    return hashlib.sha256(json.dumps(what, sort_keys=True, default=str).encode()).hexdigest()[:16]
+
+
+def _teacher_side(teacher, sets, cfg, tok, prompts: list[str], n: int, cache: Path | None) -> dict:
+    """The teacher's held-out losses, task results and samples: computed once per key and kept in
+    `cache` (a JSON file shared by the runs of one comparison), so comparing five recipes does not
+    score the same teacher five times. Decoding speed is measured every time (it is a timing)."""
+    key = _teacher_key(cfg, prompts, n) if cache else None
+    kept = {}
+    if cache and cache.is_file():
+        try:
+            kept = json.loads(cache.read_text())
+        except ValueError:
+            kept = {}  # a damaged cache is recomputed, not trusted
+        if isinstance(kept, dict) and isinstance(kept.get(key), dict):
+            return kept[key]
+    side: dict = {"held_out": _held_out(teacher, sets, cfg)}
+    ds = cfg.eval.downstream
+    if ds.tasks:
+        from rewarm.downstream.harness import run_tasks
+
+        side["downstream"] = run_tasks(teacher, tok, ds.tasks, limit=ds.limit or None,
+                                       num_fewshot=ds.num_fewshot, batch_size=ds.batch)
+    side["samples"] = continue_prompts(teacher, tok, prompts, n)
+    if cache:
+        kept = kept if isinstance(kept, dict) else {}
+        atomic.write_json(cache, {**kept, key: side})
+    return side
+
+
+def compare(teacher, student, cfg, spec, hybrid: bool, teacher_cache: Path | None = None) -> dict:
     from rewarm.tokenizer import load_tokenizer
 
     sets = _eval_sets(cfg)
     tok = load_tokenizer(cfg.tokenizer or str(cfg.model.path))
-    out: dict = {"held_out": {"teacher": _held_out(teacher, sets, cfg), "student": _held_out(student, sets, cfg)}}
+    prompts = list(cfg.eval.samples.prompts) or DEFAULT_PROMPTS
+    n = cfg.eval.samples.max_new_tokens
+    side = _teacher_side(teacher, sets, cfg, tok, prompts, n, teacher_cache)
+    out: dict = {"held_out": {"teacher": side["held_out"], "student": _held_out(student, sets, cfg)}}
     out["held_out"]["gap"] = {k: round(out["held_out"]["student"][k] - v, 5) for k, v in out["held_out"]["teacher"].items()}
     if hybrid:
         _set_linear_branch(student, False)
@@ -81,8 +131,9 @@ def compare(teacher, student, cfg, spec, hybrid: bool) -> dict:
     if ds.tasks:  # the same tasks, settings and examples for both (lm-evaluation-harness, offline data)
         from rewarm.downstream.harness import run_tasks
 
-        kw = dict(limit=ds.limit or None, num_fewshot=ds.num_fewshot, batch_size=ds.batch)
-        teacher_tasks, student_tasks = run_tasks(teacher, tok, ds.tasks, **kw), run_tasks(student, tok, ds.tasks, **kw)
+        teacher_tasks = side["downstream"]
+        student_tasks = run_tasks(student, tok, ds.tasks, limit=ds.limit or None, num_fewshot=ds.num_fewshot,
+                                  batch_size=ds.batch)
         out["downstream"] = {
             name: {f"{who}_{key}": res[name].get(key) for who, res in (("teacher", teacher_tasks), ("student", student_tasks))
                    for key in ("acc", "acc_stderr", "p_choices_gold")}
@@ -98,8 +149,6 @@ def compare(teacher, student, cfg, spec, hybrid: bool) -> dict:
         decode[str(c)] = {"teacher_tok_s": round(t_rate, 1), "student_tok_s": round(s_rate, 1),
                           "teacher_state_mb": round(t_bytes / 2**20, 2), "student_state_mb": round(s_bytes / 2**20, 2)}
     out["decode"] = decode
-    prompts = list(cfg.eval.samples.prompts) or DEFAULT_PROMPTS
-    n = cfg.eval.samples.max_new_tokens
     out["samples"] = [{"prompt": p, "teacher": a, "student": b} for p, a, b in
-                      zip(prompts, continue_prompts(teacher, tok, prompts, n), continue_prompts(student, tok, prompts, n))]
+                      zip(prompts, side["samples"], continue_prompts(student, tok, prompts, n))]
     return out

@@ -39,6 +39,7 @@ class Spec:
     lora_targets: list | None = None
     compare_contexts: list = field(default_factory=lambda: [1024, 4096])
     compare_new_tokens: int = 16
+    compare_teacher_cache: str | None = None  # a JSON file: the teacher's scores, shared by runs that compare recipes
 
 
 def parse_spec(raw) -> Spec:
@@ -80,6 +81,10 @@ def parse_spec(raw) -> Spec:
             isinstance(c, int) and not isinstance(c, bool) and c > 0 for c in spec.compare_contexts):
         raise UserError(f"`linearize.compare_contexts` must be a list of positive integers (context lengths), "
                         f"got {spec.compare_contexts!r}.")
+    if spec.compare_teacher_cache is not None and (not isinstance(spec.compare_teacher_cache, str)
+                                                   or not spec.compare_teacher_cache.endswith(".json")):
+        raise UserError(f"`linearize.compare_teacher_cache` must be the path of a .json file, "
+                        f"got {spec.compare_teacher_cache!r}.")
     if spec.stage1_steps + spec.stage2_steps == 0:
         raise UserError("`linearize.stage1_steps` and `stage2_steps` are both 0: nothing would train.")
     from rewarm.mixers.lora import TARGETS
@@ -226,7 +231,8 @@ def linearize(config_path: str | Path, progress: bool = True) -> dict:
                    for k, spec_steps in (("stage1", spec.stage1_steps if "stage1" in stages else 0),
                                          ("stage2", spec.stage2_steps))},
     }
-    result.update(compare(teacher, student, checked, spec, hybrid=recipe.hybrid))
+    cache = Path(spec.compare_teacher_cache) if spec.compare_teacher_cache else None
+    result.update(compare(teacher, student, checked, spec, hybrid=recipe.hybrid, teacher_cache=cache))
     result["seconds"] = round(time.time() - started, 1)
     atomic.write_json(out / "summary.json", result)
     return result
