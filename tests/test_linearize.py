@@ -148,6 +148,8 @@ def test_liger_skips_stage_1_and_tasks_compare_teacher_and_student(tmp_path, sha
     assert not (tmp_path / "lin" / "stage1_transfer").exists()
     summary = json.loads((tmp_path / "lin" / "summary.json").read_text())
     assert summary["new_parameters"] == [] and summary["lora_merged"] == 3 * 2
+    # the tasks are scored once, in the comparison: the stage's own run never scores them
+    assert not any("arc_easy" in json.dumps(r) for r in metrics(tmp_path / "lin" / "stage2_lora"))
     # the teacher's side is kept in the shared cache: a second recipe reads it instead of scoring again
     (key, kept), = json.loads(cache.read_text()).items()
     assert kept["held_out"] == summary["held_out"]["teacher"] and kept["downstream"]["arc_easy"]["acc"] == task["teacher_acc"]

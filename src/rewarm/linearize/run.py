@@ -106,6 +106,10 @@ def _stage_config(base: dict, out: Path, name: str, model_path: str, steps: int,
     model.pop("revision", None)
     cfg["model"] = model
     cfg.setdefault("train", {})["max_steps"] = steps
+    evals = cfg.setdefault("eval", {})
+    if isinstance(evals, dict) and isinstance(evals.get("downstream"), dict):
+        # tasks are scored once, on the final student beside the teacher (the comparison), not per stage
+        evals["downstream"] = {**evals["downstream"], "tasks": []}
     cfg["schedule"] = {**(cfg.get("schedule") or {}), **schedule, "max_lr": lr}
     if cfg["schedule"].get("name", "cosine") != "constant":
         cfg["schedule"].setdefault("min_lr", lr / 10)
