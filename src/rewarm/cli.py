@@ -356,6 +356,76 @@ def _cmd_config_reference(args: argparse.Namespace) -> int:
     return 0
 
 
+def _cmd_forecast_fit(args: argparse.Namespace) -> int:
+    from rewarm.analysis.forecast import fit_laws
+
+    r = fit_laws(args.runs, args.output, eval_set=args.set, bootstrap=args.bootstrap)
+    print(f"fitted to {len(r['runs'])} runs, final loss on `{r['set']}` (N = non-embedding parameters): {args.output}")
+    for name, entry in r["laws"].items():
+        if "skipped" in entry:
+            print(f"  {name}: skipped ({entry['skipped']})")
+        else:
+            params = ", ".join(f"{k} {v:.4g}" for k, v in entry["params"].items())
+            print(f"  {name}: {params}; rms error {100 * entry['rms_log_error']:.2f}% over the runs")
+    return 0
+
+
+def _cmd_forecast_predict(args: argparse.Namespace) -> int:
+    from rewarm.analysis.forecast import predict
+
+    r = predict(args.law, args.params, args.tokens, level=args.level)
+    print(f"N {args.params:,.0f} non-embedding params, D {args.tokens:,.0f} tokens (M = D/N {r['multiplier']:.1f}, "
+          f"{r['extrapolation']:.1f}× the largest fitted run's compute), `{r['set']}`:")
+    for name, p in r["predictions"].items():
+        print(f"  {name}: loss {p['loss']:.4f}  ({100 * p['level']:.0f}% interval {p['low']:.4f} – {p['high']:.4f})")
+    return 0
+
+
+def _cmd_forecast_run(args: argparse.Namespace) -> int:
+    from rewarm.analysis.forecast import run_forecast
+
+    r = run_forecast(args.run, args.at, args.set or None, bootstrap=args.bootstrap)
+    print(f"{r['run']}: final loss forecast from the evals up to {100 * args.at:.0f}% of its "
+          f"{r['final_tokens']:,.0f} tokens")
+    for name, row in r["sets"].items():
+        line = (f"  {name}: {row['predicted']:.4f} (90% interval {row['low']:.4f} – {row['high']:.4f}, "
+                f"{row['points']} evals)")
+        if "measured" in row:
+            line += f"; measured {row['measured']:.4f} ({100 * row['relative_error']:+.2f}%)"
+        print(line)
+    if args.json:
+        from rewarm import atomic
+
+        atomic.write_json(args.json, r)
+    return 0
+
+
+def _cmd_forecast_error(args: argparse.Namespace) -> int:
+    from rewarm.analysis.forecast import fit_error
+
+    r = fit_error(args.runs, args.output, eval_set=args.set)
+    p = r["fit"]["params"]
+    print(f"Err = {p['epsilon']:.3f} − {p['k']:.3g}·exp(−{p['gamma']:.3f}·L) over {len(r['pairs'])} (loss on "
+          f"`{r['set']}`, mean task error) pairs; rms {r['fit']['rms_error']:.4f}: {args.output}")
+    if args.loss is not None:
+        from rewarm.analysis.loss_to_error import ErrorFit
+
+        print(f"predicted error at loss {args.loss}: {ErrorFit.from_dict(r['fit']).predict(args.loss):.4f}")
+    return 0
+
+
+def _cmd_forecast_grid(args: argparse.Namespace) -> int:
+    from rewarm.analysis.forecast import write_grid
+
+    try:
+        multipliers = [float(m) for m in args.multipliers.split(",")]
+    except ValueError:
+        raise UserError(f"--multipliers takes comma-separated numbers (e.g. 5,20,80), got {args.multipliers!r}.") from None
+    spec = write_grid(args.base, args.size, multipliers, args.output)
+    print(f"wrote {args.output}: {len(spec['runs'])} pilot runs; run them with: rewarm sweep {args.output}")
+    return 0
+
+
 def _cmd_linearize(args: argparse.Namespace) -> int:
     from rewarm.linearize.run import linearize
 
@@ -510,6 +580,42 @@ def build_parser() -> argparse.ArgumentParser:
                     help="final loss: last_eval (the table's `final` columns, always shown) or mean_last_train:N "
                          "(adds the mean training loss over the last N steps, Ibrahim et al. 2024's definition)")
     rp.set_defaults(func=_cmd_report)
+
+    fc = sub.add_parser("forecast", help="predict losses before paying for runs: scaling laws, early curves, "
+                                         "downstream error from loss").add_subparsers(dest="fc_command", required=True)
+    ff = fc.add_parser("fit", help="fit the over-training law and Chinchilla's to finished from-scratch runs")
+    ff.add_argument("runs", nargs="+", help="run directories, or a sweep / runs directory")
+    ff.add_argument("-o", "--output", required=True, help="the law file to write (JSON)")
+    ff.add_argument("--set", help="the eval set whose final loss is fitted (needed when the runs share several)")
+    ff.add_argument("--bootstrap", type=int, default=200, help="bootstrap resamples of the runs for the intervals")
+    ff.set_defaults(func=_cmd_forecast_fit)
+    fp = fc.add_parser("predict", help="a law file's predicted loss at N parameters and D tokens, with its interval")
+    fp.add_argument("law", help="a law file from `rewarm forecast fit`")
+    fp.add_argument("--params", type=float, required=True, help="non-embedding parameters N")
+    fp.add_argument("--tokens", type=float, required=True, help="training tokens D")
+    fp.add_argument("--level", type=float, default=0.9, help="interval level (default 0.9)")
+    fp.set_defaults(func=_cmd_forecast_predict)
+    fr = fc.add_parser("run", help="forecast a run's final losses from the first part of its eval curves")
+    fr.add_argument("run", help="a run directory (running or finished)")
+    fr.add_argument("--at", type=float, default=0.3, help="fit the evals up to this fraction of the run's tokens")
+    fr.add_argument("--set", action="append", help="an eval set (repeatable; default: every set)")
+    fr.add_argument("--bootstrap", type=int, default=100, help="residual bootstrap resamples for the interval")
+    fr.add_argument("--json", help="also write the forecast to this JSON file")
+    fr.set_defaults(func=_cmd_forecast_run)
+    fe = fc.add_parser("loss-to-error", help="fit downstream error as a function of held-out loss across runs")
+    fe.add_argument("runs", nargs="+", help="run directories with downstream results, or a sweep / runs directory")
+    fe.add_argument("-o", "--output", required=True, help="the fit to write (JSON)")
+    fe.add_argument("--set", help="the eval set whose loss is paired with the task error")
+    fe.add_argument("--loss", type=float, help="also print the predicted error at this loss")
+    fe.set_defaults(func=_cmd_forecast_error)
+    fg = fc.add_parser("grid", help="write a sweep of pilot runs: sizes × token multipliers")
+    fg.add_argument("base", help="a run config (data, train, eval) the pilot runs share")
+    fg.add_argument("--size", action="append", required=True,
+                    help="a preset, or preset:key=value,... with model.overrides (repeat for each size, e.g. "
+                         "--size tiny --size tiny:hidden_size=192,num_hidden_layers=6)")
+    fg.add_argument("--multipliers", default="5,20,80", help="token multipliers M = D/N, comma-separated")
+    fg.add_argument("-o", "--output", required=True, help="the sweep file to write")
+    fg.set_defaults(func=_cmd_forecast_grid)
 
     li = sub.add_parser("linearize", help="turn a pretrained Transformer into a linear-time model (LoLCATs, Hedgehog, Liger)")
     li.add_argument("config", help="a run config (model.path = the teacher, data, train, eval) with a `linearize:` section")

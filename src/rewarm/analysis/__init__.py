@@ -1,0 +1,1 @@
+"""Analyses of finished runs: loss forecasts (scaling laws, early curves, loss-to-error)."""

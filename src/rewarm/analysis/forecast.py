@@ -1,0 +1,208 @@
+"""`rewarm forecast`: scaling laws across runs, the end of one run from its start, downstream error
+from loss, and the sweep of pilot runs the laws are fitted to. Reads ordinary run directories."""
+from __future__ import annotations
+
+import math
+from pathlib import Path
+
+import numpy as np
+import yaml
+
+from rewarm import atomic
+from rewarm.analysis import curves, laws, loss_to_error
+from rewarm.errors import UserError
+from rewarm.runs import RunData, find_runs
+
+FORMAT = 1
+
+
+def _pick_set(runs: list[RunData], eval_set: str | None) -> str:
+    common = None
+    for r in runs:
+        names = {n for _, _, sets in r.evals for n in sets}
+        common = names if common is None else common & names
+    if eval_set:
+        missing = [r.name for r in runs if eval_set not in {n for _, _, s in r.evals for n in s}]
+        if missing:
+            raise UserError(f"eval set `{eval_set}` is missing from run(s) {', '.join(missing)}: a law is fitted to "
+                            f"one held-out set that every run scored. Sets they share: {sorted(common or [])}.")
+        return eval_set
+    if not common:
+        raise UserError("the runs share no eval set: a law is fitted to the loss of one held-out set that every "
+                        "run scored. Give them a common `data.eval` entry.")
+    if len(common) > 1:
+        raise UserError(f"the runs share several eval sets ({', '.join(sorted(common))}); pick one with --set NAME.")
+    return next(iter(common))
+
+
+def law_points(paths: list[str], eval_set: str | None) -> tuple[str, list[dict]]:
+    """(set, [{run, params, tokens, loss}]): each finished from-scratch run's final loss on one set."""
+    runs = find_runs(paths)
+    bad = [f"{r.name} ({'not finished' if not r.finished else 'init: ' + str(r.config.get('init'))})"
+           for r in runs if not r.finished or r.config.get("init", "scratch") != "scratch"]
+    if bad:
+        raise UserError(f"a scaling law is fitted to finished from-scratch runs (a continual run's tokens leave out its "
+                        f"pre-training); not usable: {', '.join(bad)}.")
+    fps = {r.start_info.get("tokenizer_fingerprint") for r in runs}
+    if len(fps) > 1:
+        raise UserError("the runs use different tokenizers: their losses are per token of different tokenizations "
+                        "and do not lie on one law. Fit runs prepared with one tokenizer.")
+    name = _pick_set(runs, eval_set)
+    points = []
+    for r in runs:
+        n = r.start_info.get("params_non_embedding")
+        if not isinstance(n, int):
+            raise UserError(f"run {r.name} does not record its non-embedding parameter count (an older rewarm?).")
+        points.append({"run": r.name, "params": n, "tokens": r.evals[-1][1], "loss": r.final(name)})
+    return name, points
+
+
+def fit_laws(paths: list[str], out: str | Path, eval_set: str | None = None, bootstrap: int = 200, seed: int = 0) -> dict:
+    name, points = law_points(paths, eval_set)
+    n, d, y = (np.array([p[k] for p in points], dtype=np.float64) for k in ("params", "tokens", "loss"))
+    result = {"format": FORMAT, "set": name, "params_count": "non-embedding", "runs": points, "laws": {}}
+    for law in laws.LAWS.values():
+        if len(points) <= len(law.params):
+            result["laws"][law.name] = {"skipped": f"needs more than {len(law.params)} runs, got {len(points)}"}
+            continue
+        f = laws.fit(law, n, d, y, bootstrap=bootstrap, seed=seed)
+        result["laws"][law.name] = f.to_dict()
+        for p, pred in zip(points, f.predict(n, d)):
+            p.setdefault("fitted", {})[law.name] = float(pred)
+    if all("skipped" in v for v in result["laws"].values()):
+        laws.check_points(laws.LAWS["overtrain"], n, d, y)  # raises with the reason
+    atomic.write_json(Path(out), result)
+    return result
+
+
+def load_law(path: str | Path) -> dict:
+    p = Path(path)
+    try:
+        raw = yaml.safe_load(p.read_text()) if p.is_file() else None
+    except yaml.YAMLError:
+        raw = None
+    if not isinstance(raw, dict) or raw.get("format") != FORMAT or "laws" not in raw:
+        raise UserError(f"{p} is not a law file written by `rewarm forecast fit` (format {FORMAT}).")
+    return raw
+
+
+def predict(law_file: str | Path, params: float, tokens: float, level: float = 0.9) -> dict:
+    """Each fitted law's prediction at (N non-embedding params, D tokens) with its bootstrap interval."""
+    if not (params > 0 and tokens > 0 and math.isfinite(params) and math.isfinite(tokens)):
+        raise UserError(f"--params and --tokens must be positive numbers, got {params} and {tokens}.")
+    raw = load_law(law_file)
+    out = {"set": raw["set"], "params": params, "tokens": tokens, "multiplier": tokens / params,
+           "compute": 6 * params * tokens, "predictions": {}}
+    largest = max(6 * p["params"] * p["tokens"] for p in raw["runs"])
+    out["extrapolation"] = out["compute"] / largest  # how far past the largest pilot run, in compute
+    for name, entry in raw["laws"].items():
+        if "skipped" in entry:
+            continue
+        f = laws.Fit.from_dict(entry)
+        lo, hi = f.interval(params, tokens, level)
+        out["predictions"][name] = {"loss": float(f.predict(params, tokens)), "low": lo, "high": hi, "level": level}
+    return out
+
+
+def run_forecast(run_dir: str | Path, at: float, eval_sets: list[str] | None = None, bootstrap: int = 100) -> dict:
+    """The final loss of each eval set forecast from the evals after warmup up to `at` × the run's tokens."""
+    if not 0 < at < 1:
+        raise UserError(f"--at is the fraction of the run's tokens to forecast from, in (0, 1); got {at}.")
+    run = RunData.load(run_dir)
+    if not run.evals:
+        raise UserError(f"{run.path} has no evals yet.")
+    per_step = run.evals[-1][1] / run.evals[-1][0] if run.evals[-1][0] else None
+    planned = run.max_steps * per_step if per_step else run.evals[-1][1]
+    cutoff = at * planned
+    warm = run.warmup_steps()
+    names = eval_sets or sorted({n for _, _, s in run.evals for n in s})
+    out = {"run": str(run.path), "at": at, "cutoff_tokens": cutoff, "final_tokens": planned,
+           "finished": run.finished, "sets": {}}
+    for name in names:
+        if name not in {n for _, _, s in run.evals for n in s}:
+            raise UserError(f"run {run.name} has no eval set `{name}`.")
+        pts = [(tok, sets[name]) for step, tok, sets in run.evals if name in sets and step > warm and tok <= cutoff]
+        f = curves.forecast([t for t, _ in pts], [v for _, v in pts], bootstrap=bootstrap)
+        lo, hi = f.interval(planned)
+        row = {"predicted": f.predict(planned), "low": lo, "high": hi, "points": f.points,
+               "curve": f.theta.tolist()}
+        measured = [sets[name] for step, _, sets in run.evals if name in sets and step == run.max_steps]
+        if run.finished and measured:
+            row["measured"] = measured[-1]
+            row["relative_error"] = (row["predicted"] - measured[-1]) / measured[-1]
+        out["sets"][name] = row
+    return out
+
+
+def error_points(paths: list[str], eval_set: str | None) -> tuple[str, list[dict]]:
+    """(set, [{run, step, loss, error}]): every downstream result paired with the eval at its step;
+    error = 1 − accuracy averaged over the tasks scored there."""
+    runs = find_runs(paths)
+    name = _pick_set(runs, eval_set)
+    pairs = []
+    for r in runs:
+        losses = {step: sets[name] for step, _, sets in r.evals if name in sets}
+        for step, _, tasks in r.downstream:
+            accs = [t["acc"] for t in tasks.values() if isinstance(t.get("acc"), (int, float))]
+            if accs and step in losses:
+                pairs.append({"run": r.name, "step": step, "loss": losses[step], "error": 1 - sum(accs) / len(accs)})
+    return name, pairs
+
+
+def fit_error(paths: list[str], out: str | Path, eval_set: str | None = None) -> dict:
+    name, pairs = error_points(paths, eval_set)
+    f = loss_to_error.fit_error([p["loss"] for p in pairs], [p["error"] for p in pairs])
+    result = {"format": FORMAT, "set": name, "pairs": pairs, "fit": f.to_dict()}
+    atomic.write_json(Path(out), result)
+    return result
+
+
+def write_grid(base: str | Path, sizes: list[str], multipliers: list[float], out: str | Path, name: str = "scaling") -> dict:
+    """A sweep file of pilot runs: each size (a preset, or `preset:key=value,...` overrides) at each
+    token multiplier M, with max_steps set so the run trains M × N tokens (N non-embedding)."""
+    from rewarm.config import config_from_dict, read_mapping
+
+    base_raw = read_mapping(base, "base config")
+    cfg = config_from_dict({**base_raw, "init": "scratch"})
+    per_step = cfg.train.global_batch * cfg.train.seq_len
+    if not sizes or not multipliers or any(not (m > 0 and math.isfinite(m)) for m in multipliers):
+        raise UserError("give at least one size and one positive token multiplier (--size tiny --size pythia-14m --multipliers 5,20,80).")
+    runs = []
+    for size in sizes:
+        preset, overrides = _parse_size(size)
+        n = non_embedding_params(cfg, preset, overrides)
+        for m in multipliers:
+            steps = max(1, math.ceil(m * n / per_step))
+            tag = size.replace(":", "_").replace(",", "_").replace("=", "")
+            runs.append({"name": f"{tag}_M{m:g}", "set": {"model.preset": preset, "model.overrides": overrides,
+                                                            "train.max_steps": steps}})
+    spec = {"name": name, "base": str(Path(base).resolve()), "runs": runs}
+    atomic.write_text(Path(out), yaml.safe_dump(spec, sort_keys=False))
+    return spec
+
+
+def _parse_size(size: str) -> tuple[str, dict]:
+    preset, _, rest = size.partition(":")
+    overrides: dict = {}
+    for item in filter(None, rest.split(",")):
+        key, eq, value = item.partition("=")
+        if not eq:
+            raise UserError(f"size `{size}`: overrides are key=value pairs, e.g. tiny:hidden_size=96,num_hidden_layers=3.")
+        overrides[key] = yaml.safe_load(value)
+    return preset, overrides
+
+
+def non_embedding_params(cfg, preset: str, overrides: dict) -> int:
+    """Build the model's shape on the meta device (no memory) and count its parameters."""
+    import torch
+    from transformers import AutoModelForCausalLM
+
+    from rewarm.data.shards import TokenShards
+    from rewarm.model import build_config, count_params
+    from rewarm.tokenizer import load_tokenizer
+
+    tokenizer = load_tokenizer(cfg.tokenizer or TokenShards(cfg.data.train[0].path).tokenizer_path)
+    hf = build_config(preset, None, overrides, len(tokenizer), cfg.model.vocab_size, tokenizer.eos_token_id)
+    with torch.device("meta"):
+        model = AutoModelForCausalLM.from_config(hf)
+    return count_params(model, exclude_embeddings=True)
