@@ -3,6 +3,7 @@ scratch, checkpoint, resume bit-exactly, load with AutoModelForCausalLM, `rewarm
 from __future__ import annotations
 
 import json
+import math
 
 import pytest
 from transformers import AutoModelForCausalLM
@@ -46,6 +47,17 @@ def test_mixer_model_trains_resumes_bit_exactly_and_loads_with_automodel(tmp_pat
     assert proc.returncode == 0, proc.stderr[-2000:]
     logged = metrics(full.path, "eval")[-1]["sets"]["upstream"]["loss"]
     assert json.loads(proc.stdout)["upstream"]["loss"] == pytest.approx(logged, abs=1e-5)
+
+
+def test_every_mixer_trains_in_bf16_on_any_cpu(tmp_path, shards):
+    """bf16 autocast, pinned (what `precision: auto` picks on a CPU with bf16 units): the delta rule's
+    triangular solve has no bf16 kernel on CPU and once crashed here; it now runs in fp32 inside."""
+    for mixer in ("deltanet", "mom", "liger", "hedgehog", "transnormer", "lolcats"):
+        cfg = mixer_config(tmp_path / mixer, shards, mixer, **{"train.precision": "bf16", "train.max_steps": 3,
+                                                                "eval.interval": 3, "checkpoint.interval": 0})
+        run = train(config_from_dict(cfg), progress=False)
+        losses = [e["loss"] for e in metrics(run.path, "train")]
+        assert len(losses) == 3 and all(math.isfinite(x) for x in losses), (mixer, losses)
 
 
 def test_activation_checkpointing_gives_the_same_steps(tmp_path, shards):

@@ -23,14 +23,19 @@ from rewarm.mixers.scan import _pad_to_chunks, initial_state
 
 
 def _wy(k, v, beta):
-    """(W, U₀) = (T K, T V) for one block of tokens (the last two dims are time × dim)."""
-    t = k.shape[-2]
-    eye = torch.eye(t, dtype=k.dtype, device=k.device)
-    strict = torch.ones(t, t, dtype=torch.bool, device=k.device).tril(-1)
-    a = (beta[..., :, None] * (k @ k.transpose(-1, -2))).masked_fill(~strict, 0.0)
-    rhs = torch.cat([k, v], dim=-1) * beta[..., :, None]        # diag(β) [K V]
-    wu = torch.linalg.solve_triangular(eye + a, rhs, upper=False, unitriangular=True)
-    return wu[..., : k.shape[-1]], wu[..., k.shape[-1]:]
+    """(W, U₀) = (T K, T V) for one block of tokens (the last two dims are time × dim). The solve
+    runs in fp32 whatever the inputs (torch has no bf16 triangular solve on CPU, and an inverse
+    of I + tril(βKKᵀ) in bf16 loses the state's precision); the results come back in k's dtype."""
+    t, dtype = k.shape[-2], k.dtype
+    work = torch.float32 if dtype in (torch.bfloat16, torch.float16) else dtype
+    with torch.autocast(k.device.type, enabled=False):
+        k32, v32, b32 = k.to(work), v.to(work), beta.to(work)
+        eye = torch.eye(t, dtype=work, device=k.device)
+        strict = torch.ones(t, t, dtype=torch.bool, device=k.device).tril(-1)
+        a = (b32[..., :, None] * (k32 @ k32.transpose(-1, -2))).masked_fill(~strict, 0.0)
+        rhs = torch.cat([k32, v32], dim=-1) * b32[..., :, None]        # diag(β) [K V]
+        wu = torch.linalg.solve_triangular(eye + a, rhs, upper=False, unitriangular=True)
+    return wu[..., : k.shape[-1]].to(dtype), wu[..., k.shape[-1]:].to(dtype)
 
 
 def naive(q, k, v, beta):
