@@ -9,10 +9,11 @@ import pytest
 import torch
 from transformers import AutoModelForCausalLM
 
-from conftest import assert_user_error, metrics, run_cli, small_run_config, write_config
+from conftest import assert_user_error, interrupt_after, metrics, run_cli, small_run_config, write_config
 from rewarm.config import config_from_dict
 from rewarm.linearize.convert import convert, new_parameter_fragments
 from rewarm.mixers.modeling import MixerForCausalLM
+from rewarm.rundir import RunDir
 from rewarm.train import train
 
 LLAMA = {"hidden_size": 32, "num_hidden_layers": 2, "num_attention_heads": 4, "num_key_value_heads": 2,
@@ -131,6 +132,19 @@ def test_linearize_end_to_end(tmp_path, shards, teacher_dir):
     # again: finished stages are kept, the result is the same
     again = run_cli("linearize", str(cfg), "-q")
     assert again.returncode == 0 and json.loads((out / "summary.json").read_text())["held_out"] == held
+    # a stage stopped before its first checkpoint starts again under the config as it is now (a fix applies)
+    import shutil
+
+    s2_dir = out / "stage2_lora"
+    shutil.rmtree(s2_dir / "checkpoints"), shutil.rmtree(s2_dir / "final"), (s2_dir / "summary.json").unlink()
+    fixed = tmp_path / "fixed.yaml"
+    fixed.write_text(cfg.read_text().replace("precision: fp32", "precision: bf16"))
+    assert run_cli("linearize", str(fixed), "-q").returncode == 0
+    assert json.loads((s2_dir / "summary.json").read_text())["status"] == "completed"
+    assert "bf16" in (s2_dir / "config.yaml").read_text()
+    # a stage with a checkpoint resumes only under its own config: the message says what to do here
+    interrupt_after(RunDir(s2_dir), "step_000004")
+    assert_user_error(run_cli("linearize", str(cfg), "-q"), "put the setting back", "train.precision")
     # another recipe in the same out_dir would silently reuse this one's stages: refused
     other = linearize_config(tmp_path, shards, teacher_dir, recipe="deltanet")
     assert_user_error(run_cli("linearize", str(other)), "holds a different linearize run", "recipe")
@@ -179,6 +193,7 @@ def test_bad_linearize_input_exits_2(tmp_path, shards, teacher_dir):
              ({"lora_targets": ["qkv_proj"]}, "LoRA target `qkv_proj`"),
              ({"stage1_steps": 0, "stage2_steps": 0}, "nothing would train"),
              ({"compare_teacher_cache": 5}, "path of a .json file"),
+             ({"recipe": "liger", "stage1_steps": 3, "stage2_steps": 0}, "has no stage 1"),
              ({"windw": 4}, "did you mean `window`")]
     for spec, needle in cases:
         assert_user_error(run_cli("linearize", str(linearize_config(tmp_path, shards, teacher_dir, **spec))), needle)
@@ -186,7 +201,9 @@ def test_bad_linearize_input_exits_2(tmp_path, shards, teacher_dir):
     neox_final = train(config_from_dict(neox), progress=False).final
     assert_user_error(run_cli("linearize", str(linearize_config(tmp_path, shards, neox_final))),
                       "cannot linearize a `gpt_neox` model", "LlamaAttention")
-    assert not (tmp_path / "lin" / "final").exists() and not (tmp_path / "lin" / "converted").exists()
+    assert not (tmp_path / "lin").exists()  # refused before anything was written: the teacher can be fixed
+    ok = run_cli("linearize", str(linearize_config(tmp_path, shards, teacher_dir, stage1_steps=1, stage2_steps=0)), "-q")
+    assert ok.returncode == 0, ok.stderr[-2000:]
     cfg = linearize_config(tmp_path, shards, teacher_dir)
     cfg.write_text(cfg.read_text().replace(str(teacher_dir), str(tmp_path / "no-such-teacher")))
     assert_user_error(run_cli("linearize", str(cfg)), "does not exist")

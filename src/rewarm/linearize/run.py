@@ -117,9 +117,10 @@ def _stage_config(base: dict, out: Path, name: str, model_path: str, steps: int,
     return cfg
 
 
-def _claim(out: Path, what: dict) -> None:
+def _claim(out: Path, what: dict, write: bool) -> None:
     """out_dir belongs to one linearize run (teacher + spec): re-running it resumes; a different
-    one must not silently reuse its converted model and finished stages."""
+    one must not silently reuse its converted model and finished stages. Checked first, written
+    only once the teacher has loaded and converted (a refused teacher leaves nothing behind)."""
     marker = out / "linearize.json"
     if marker.is_file():
         try:
@@ -134,12 +135,15 @@ def _claim(out: Path, what: dict) -> None:
             raise UserError(f"{out} holds a different linearize run (changed: {', '.join(changed) or 'its record'}); "
                             "its converted model and stages would not match. Use another out_dir, or delete this one.")
         return
-    out.mkdir(parents=True, exist_ok=True)
-    atomic.write_json(marker, what)
+    if write:
+        out.mkdir(parents=True, exist_ok=True)
+        atomic.write_json(marker, what)
 
 
 def _run_stage(raw: dict, progress: bool, config_path: Path):
-    """Train one stage; a finished stage is kept, an interrupted one resumes."""
+    """Train one stage; a finished stage is kept, an interrupted one resumes from its checkpoint,
+    one stopped before its first checkpoint starts again (with the config as it is now)."""
+    from rewarm import checkpoint
     from rewarm.errors import Preempted
     from rewarm.rundir import RunDir
     from rewarm.train import train
@@ -148,14 +152,24 @@ def _run_stage(raw: dict, progress: bool, config_path: Path):
     if run.is_finished():
         log.info("stage %s already finished: kept", run.path.name)
         return run
+    overwrite = False
     if run.has_started():
-        raw = dict(raw, init="resume")
+        if checkpoint.load_latest(run.checkpoints) is not None:
+            raw = dict(raw, init="resume")
+        else:
+            overwrite = True  # nothing to resume: a config fixed since (precision, data, …) simply applies
     try:
-        return train(config_from_dict(raw), progress=progress)
+        return train(config_from_dict(raw), progress=progress, overwrite=overwrite)
     except Preempted as exc:  # the way on is the same command, not the stage's own
         first = str(exc).split("; checkpoint saved")[0]
         raise Preempted(f"linearize stage {run.path.name}: {first}; checkpoint saved. Resume with: "
                         f"rewarm linearize {config_path}") from None
+    except UserError as exc:
+        if "changes the run" not in str(exc):
+            raise
+        raise UserError(f"linearize stage {run.path.name} has a checkpoint from a different config. {exc}\n"
+                        f"For `rewarm linearize`: put the setting back in {config_path} to resume the stage, or "
+                        f"delete {run.path} to train it again with the new setting.") from None
 
 
 def linearize(config_path: str | Path, progress: bool = True) -> dict:
@@ -171,6 +185,9 @@ def linearize(config_path: str | Path, progress: bool = True) -> dict:
     checked = config_from_dict(dict(base, init="weights"))  # the base must be a valid run (teacher, data, …)
     teacher_path = checked.model.path
     seq_len = checked.train.seq_len
+    if (spec.stage1_steps if recipe.transfer_loss else 0) + spec.stage2_steps == 0:
+        raise UserError(f"recipe `{spec.recipe}` has no stage 1 (no attention transfer) and `linearize.stage2_steps` "
+                        "is 0: nothing would train. Set stage2_steps.")
     if spec.window >= seq_len and spec.recipe in ("lolcats_hybrid", "liger"):
         raise UserError(f"`linearize.window` ({spec.window}) is not below `train.seq_len` ({seq_len}): no token "
                         "would reach the linear part during training. Use a window below seq_len.")
@@ -180,8 +197,8 @@ def linearize(config_path: str | Path, progress: bool = True) -> dict:
     if ("/" in str(teacher_path) or str(teacher_path).startswith(".")) and not Path(teacher_path).exists():
         raise UserError(f"the teacher `model.path: {teacher_path}` does not exist. Point it at an HF model directory "
                         "or an installed model's name (`rewarm models list`).")
-    _claim(out, {"teacher": str(teacher_path),
-                 "spec": {k: v for k, v in asdict(spec).items() if not k.startswith("compare_")}})
+    claim = {"teacher": str(teacher_path), "spec": {k: v for k, v in asdict(spec).items() if not k.startswith("compare_")}}
+    _claim(out, claim, write=False)
 
     # 1. convert (once: the converted weights are the start of every stage)
     tokenizer = load_tokenizer(checked.tokenizer or teacher_path)
@@ -192,6 +209,7 @@ def linearize(config_path: str | Path, progress: bool = True) -> dict:
     converted = out / "converted"
     new_names: list[str]
     student, new_names = convert(teacher, recipe.mixer, **options)
+    _claim(out, claim, write=True)
     if not (converted / "config.json").is_file():
         save_model(student, converted, tokenizer)
     del student
