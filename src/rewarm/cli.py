@@ -7,6 +7,7 @@ from __future__ import annotations
 import argparse
 import json
 import logging
+import math
 import os
 import sys
 
@@ -377,7 +378,9 @@ def _cmd_forecast_predict(args: argparse.Namespace) -> int:
     print(f"N {args.params:,.0f} non-embedding params, D {args.tokens:,.0f} tokens (M = D/N {r['multiplier']:.1f}, "
           f"{r['extrapolation']:.1f}× the largest fitted run's compute), `{r['set']}`:")
     for name, p in r["predictions"].items():
-        print(f"  {name}: loss {p['loss']:.4f}  ({100 * p['level']:.0f}% interval {p['low']:.4f} – {p['high']:.4f})")
+        interval = (f"{100 * p['level']:.0f}% interval {p['low']:.4f} – {p['high']:.4f}" if math.isfinite(p["low"])
+                    else "no interval: too few runs for the bootstrap to refit this law")
+        print(f"  {name}: loss {p['loss']:.4f}  ({interval})")
     return 0
 
 

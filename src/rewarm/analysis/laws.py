@@ -19,6 +19,7 @@ Intervals: bootstrap over runs (resample the runs with replacement, refit, take 
 from __future__ import annotations
 
 import itertools
+import math
 from dataclasses import dataclass
 
 import numpy as np
@@ -110,8 +111,12 @@ class Fit:
         return self.law(self.theta, n, d)
 
     def interval(self, n: float, d: float, level: float = 0.9) -> tuple[float, float]:
+        """Percentile interval of the bootstrap predictions; (nan, nan) when too few resamples had
+        enough distinct runs to refit (a law fitted to barely more runs than it has parameters)."""
         preds = np.array([self.law(t, n, d) for t in self.boot], dtype=np.float64)
         preds = preds[np.isfinite(preds)]
+        if len(preds) < 10:
+            return math.nan, math.nan
         lo, hi = np.percentile(preds, [50 * (1 - level), 50 * (1 + level)])
         return float(lo), float(hi)
 
@@ -134,9 +139,11 @@ def fit(law: Law, n, d, loss, bootstrap: int = 200, seed: int = 0) -> Fit:
     rms = float(np.sqrt(2 * cost / len(loss)))
     rng = np.random.default_rng(seed)
     boot = []
-    for _ in range(bootstrap):
+    for _ in range(20 * bootstrap):  # a resample with too few distinct runs cannot pin the law: draw again
+        if len(boot) == bootstrap:
+            break
         idx = rng.integers(0, len(loss), len(loss))
-        if len(np.unique(idx)) <= len(law.params):  # too few distinct runs to pin the law: draw again
+        if len(np.unique(idx)) <= len(law.params):
             continue
         t, _ = _best_fit(law, n[idx], d[idx], loss[idx], [theta])
         boot.append(t)
