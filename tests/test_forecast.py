@@ -184,3 +184,21 @@ def test_grid_writes_a_sweep_of_pilot_runs(tmp_path, shards):
     assert_user_error(run_cli("forecast", "grid", str(base), "--size", "tiny:hidden_size", "-o", str(sweep)), "key=value")
     assert_user_error(run_cli("forecast", "grid", str(base), "--size", "tiny", "--multipliers", "5,x", "-o", str(sweep)),
                       "comma-separated numbers")
+
+
+def test_non_embedding_count_is_pythias():
+    """N of the laws leaves out the input and (untied) output embeddings, as Pythia's published
+    counts do (Pythia-70M: 70,426,624 parameters, 18,915,328 non-embedding); a tied head once."""
+    import torch
+    from transformers import AutoModelForCausalLM, GPTNeoXConfig, LlamaConfig
+
+    from rewarm.model import count_params
+
+    with torch.device("meta"):
+        pythia = AutoModelForCausalLM.from_config(GPTNeoXConfig(vocab_size=50304, hidden_size=512, num_hidden_layers=6,
+                                                                num_attention_heads=8, intermediate_size=2048))
+        smol = AutoModelForCausalLM.from_config(LlamaConfig(vocab_size=49152, hidden_size=576, num_hidden_layers=30,
+                                                            num_attention_heads=9, num_key_value_heads=3,
+                                                            intermediate_size=1536, tie_word_embeddings=True))
+    assert (count_params(pythia), count_params(pythia, exclude_embeddings=True)) == (70_426_624, 18_915_328)
+    assert count_params(smol) - count_params(smol, exclude_embeddings=True) == 49152 * 576

@@ -220,8 +220,14 @@ def save_model(model: torch.nn.Module, out_dir: str | Path, tokenizer=None, stat
 
 
 def count_params(model: torch.nn.Module, exclude_embeddings: bool = False) -> int:
+    """Parameters; with `exclude_embeddings`, without the input embedding and an untied output
+    embedding (the convention of Kaplan et al. and Pythia's "non-embedding" counts, which scaling
+    laws use; a tied head is the input embedding and is counted once, by `parameters()`)."""
     n = sum(p.numel() for p in model.parameters())
     if exclude_embeddings:
-        emb = model.get_input_embeddings()
-        n -= emb.weight.numel()
+        emb = model.get_input_embeddings().weight
+        n -= emb.numel()
+        head = model.get_output_embeddings() if hasattr(model, "get_output_embeddings") else None
+        if head is not None and head.weight is not emb:
+            n -= head.weight.numel()
     return n

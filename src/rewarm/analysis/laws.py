@@ -8,9 +8,9 @@ Two laws of the final held-out loss L of a run with N parameters trained on D to
   few small runs predict a run with ~300× the compute.
 - Chinchilla (Hoffmann et al. 2022):  L(N, D) = E + A·N^(−α) + B·D^(−β).
 
-N is the **non-embedding** parameter count (`params_non_embedding` in a run's start event): at
-the sizes that fit on a CPU the embedding table is most of the model, and counting it bends the
-law (Kaplan et al. 2020). Use one count throughout; `rewarm forecast` always uses this one.
+N is the **non-embedding** parameter count (`params_non_embedding` in a run's start event: no
+input embedding, no untied output head, as Pythia counts): at the sizes that fit on a CPU the
+embedding tables are most of the model, and counting them bends the law (Kaplan et al. 2020). Use one count throughout; `rewarm forecast` always uses this one.
 
 Fitting: least squares on log L (relative errors, as both papers), from a grid of starting points,
 keeping the best. Positive scale parameters are fitted as logs, so every start is feasible.
