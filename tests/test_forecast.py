@@ -152,13 +152,13 @@ def test_fit_refuses_runs_it_cannot_use(pilots, tmp_path, shards):
 def test_forecast_a_run_from_its_first_part(pilots, tmp_path):
     run = pilots / "w32_s16"
     proc = run_cli("forecast", "run", str(run), "--at", "0.7", "--set", "upstream", "--bootstrap", "10",
-                   "--json", str(tmp_path / "f.json"))
+                   "--json", str(tmp_path / "f.json"), "--plot", str(tmp_path / "f.png"))
     assert proc.returncode == 0, proc.stderr
     row = json.loads((tmp_path / "f.json").read_text())["sets"]["upstream"]
     assert row["points"] == 5 and math.isfinite(row["predicted"]) and row["low"] <= row["high"]
     assert row["measured"] == pytest.approx(
         [json.loads(x) for x in (run / "metrics.jsonl").read_text().splitlines() if '"eval"' in x][-1]["sets"]["upstream"]["loss"])
-    assert "measured" in proc.stdout
+    assert "measured" in proc.stdout and (tmp_path / "f.png").read_bytes()[:4] == b"\x89PNG"
     assert_user_error(run_cli("forecast", "run", str(run), "--at", "0.2"), "at least 5 evals")
     assert_user_error(run_cli("forecast", "run", str(run), "--at", "1.5"), "in (0, 1)")
 

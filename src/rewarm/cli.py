@@ -387,7 +387,7 @@ def _cmd_forecast_predict(args: argparse.Namespace) -> int:
 def _cmd_forecast_run(args: argparse.Namespace) -> int:
     from rewarm.analysis.forecast import run_forecast
 
-    r = run_forecast(args.run, args.at, args.set or None, bootstrap=args.bootstrap)
+    r = run_forecast(args.run, args.at, args.set or None, bootstrap=args.bootstrap, plot=args.plot)
     print(f"{r['run']}: final loss forecast from the evals up to {100 * args.at:.0f}% of its "
           f"{r['final_tokens']:,.0f} tokens")
     for name, row in r["sets"].items():
@@ -396,6 +396,8 @@ def _cmd_forecast_run(args: argparse.Namespace) -> int:
         if "measured" in row:
             line += f"; measured {row['measured']:.4f} ({100 * row['relative_error']:+.2f}%)"
         print(line)
+    if args.plot:
+        print(f"plot: {r['plot']}")
     if args.json:
         from rewarm import atomic
 
@@ -604,6 +606,7 @@ def build_parser() -> argparse.ArgumentParser:
     fr.add_argument("--set", action="append", help="an eval set (repeatable; default: every set)")
     fr.add_argument("--bootstrap", type=int, default=100, help="residual bootstrap resamples for the interval")
     fr.add_argument("--json", help="also write the forecast to this JSON file")
+    fr.add_argument("--plot", help="also draw the evals, the forecast and its 90%% band into this PNG")
     fr.set_defaults(func=_cmd_forecast_run)
     fe = fc.add_parser("loss-to-error", help="fit downstream error as a function of held-out loss across runs")
     fe.add_argument("runs", nargs="+", help="run directories with downstream results, or a sweep / runs directory")

@@ -104,8 +104,10 @@ def predict(law_file: str | Path, params: float, tokens: float, level: float = 0
     return out
 
 
-def run_forecast(run_dir: str | Path, at: float, eval_sets: list[str] | None = None, bootstrap: int = 100) -> dict:
-    """The final loss of each eval set forecast from the evals after warmup up to `at` × the run's tokens."""
+def run_forecast(run_dir: str | Path, at: float, eval_sets: list[str] | None = None, bootstrap: int = 100,
+                 plot: str | Path | None = None) -> dict:
+    """The final loss of each eval set forecast from the evals after warmup up to `at` × the run's tokens
+    (and, with `plot`, a figure: the evals, the fitted part, the forecast curve and its 90% band)."""
     if not 0 < at < 1:
         raise UserError(f"--at is the fraction of the run's tokens to forecast from, in (0, 1); got {at}.")
     run = RunData.load(run_dir)
@@ -118,6 +120,7 @@ def run_forecast(run_dir: str | Path, at: float, eval_sets: list[str] | None = N
     names = eval_sets or sorted({n for _, _, s in run.evals for n in s})
     out = {"run": str(run.path), "at": at, "cutoff_tokens": cutoff, "final_tokens": planned,
            "finished": run.finished, "sets": {}}
+    fits: dict = {}
     for name in names:
         if name not in {n for _, _, s in run.evals for n in s}:
             raise UserError(f"run {run.name} has no eval set `{name}`.")
@@ -131,7 +134,36 @@ def run_forecast(run_dir: str | Path, at: float, eval_sets: list[str] | None = N
             row["measured"] = measured[-1]
             row["relative_error"] = (row["predicted"] - measured[-1]) / measured[-1]
         out["sets"][name] = row
+        fits[name] = (f, run.series(name), cutoff, warm * per_step if per_step else 0.0)
+    if plot:
+        out["plot"] = str(plot_forecast(fits, planned, Path(plot), f"{run.name}: forecast from {100 * at:.0f}% of its tokens"))
     return out
+
+
+def plot_forecast(fits: dict, final_tokens: float, out: Path, title: str) -> Path:
+    from rewarm.plots import _pyplot, save_figure
+
+    plt = _pyplot()
+    fig, axes = plt.subplots(1, len(fits), figsize=(5 * len(fits), 3.6), squeeze=False)
+    for ax, (name, (f, series, cutoff, warm_tokens)) in zip(axes[0], fits.items()):
+        tokens = np.array([t for t, _ in series], dtype=np.float64)
+        losses = np.array([v for _, v in series])
+        seen = (tokens > warm_tokens) & (tokens <= cutoff)
+        ax.plot(tokens[~seen], losses[~seen], "o", mfc="none", color="gray", label="evals not fitted (warmup, after the cut)")
+        ax.plot(tokens[seen], losses[seen], "o", color="C0", label="evals fitted")
+        grid = np.linspace(max(float(tokens[tokens > 0].min()) if np.any(tokens > 0) else 1.0, 1.0), final_tokens, 200)
+        boot = np.array([curves.curve(t, grid) for t in f.boot])
+        ax.fill_between(grid, *np.nanpercentile(boot, [5, 95], axis=0), color="C1", alpha=0.25, label="90% band")
+        ax.plot(grid, curves.curve(f.theta, grid), color="C1", label="forecast")
+        ax.axvline(cutoff, color="k", lw=0.8, ls=":")
+        ax.set_title(name)
+        ax.set_xlabel("tokens")
+        ax.set_ylabel("held-out loss (nats/token)")
+    axes[0][0].legend(fontsize=7)
+    fig.suptitle(title)
+    path = save_figure(fig, out)
+    plt.close(fig)
+    return path
 
 
 def error_points(paths: list[str], eval_set: str | None) -> tuple[str, list[dict]]:
