@@ -125,6 +125,20 @@ def test_fit_and_predict_on_real_runs(pilots, tmp_path):
     # 6 runs for Chinchilla's 5 parameters: almost no resample has 6 distinct runs, so no interval (said so)
     assert "chinchilla: loss" in out.stdout and "too few runs for the bootstrap" in out.stdout
     assert_user_error(run_cli("forecast", "predict", str(law_file), "--params", "-1", "--tokens", "5"), "positive numbers")
+    for args, needle in ((("--level", "1.5"), "in (0, 1)"), (("--params", "1e300", "--tokens", "1e300"), "says anything there")):
+        base = {"--params": "50000", "--tokens": "2e6"}
+        extra = dict(zip(args[::2], args[1::2]))
+        flat = [x for k, v in {**base, **extra}.items() for x in (k, v)]
+        assert_user_error(run_cli("forecast", "predict", str(law_file), *flat), needle)
+    damaged = json.loads(law_file.read_text())
+    damaged["laws"]["overtrain"]["theta"] = [1.0, 2.0]
+    (tmp_path / "damaged.json").write_text(json.dumps(damaged))
+    assert_user_error(run_cli("forecast", "predict", str(tmp_path / "damaged.json"), "--params", "1", "--tokens", "5"),
+                      "damaged law file")
+    assert_user_error(run_cli("forecast", "predict", str(tmp_path / "none.json"), "--params", "1", "--tokens", "5"),
+                      "does not exist")
+    assert_user_error(run_cli("forecast", "fit", str(pilots), "-o", str(tmp_path / "b.json"), "--set", "upstream",
+                              "--bootstrap", "0"), "at least 10")
     (tmp_path / "junk.json").write_text("[1, 2]")
     assert_user_error(run_cli("forecast", "predict", str(tmp_path / "junk.json"), "--params", "1", "--tokens", "5"),
                       "not a law file")
@@ -160,6 +174,9 @@ def test_forecast_a_run_from_its_first_part(pilots, tmp_path):
         [json.loads(x) for x in (run / "metrics.jsonl").read_text().splitlines() if '"eval"' in x][-1]["sets"]["upstream"]["loss"])
     assert "measured" in proc.stdout and (tmp_path / "f.png").read_bytes()[:4] == b"\x89PNG"
     assert_user_error(run_cli("forecast", "run", str(run), "--at", "0.2"), "at least 5 evals")
+    assert_user_error(run_cli("forecast", "run", str(run), "--json", str(tmp_path)), "is a directory")
+    assert not list(tmp_path.glob(".*.tmp-*"))
+    assert run_cli("forecast", "run", str(run), "--at", "0.7", "--json", str(tmp_path / "new" / "f.json")).returncode == 0
     assert_user_error(run_cli("forecast", "run", str(run), "--at", "1.5"), "in (0, 1)")
 
 
@@ -182,6 +199,11 @@ def test_grid_writes_a_sweep_of_pilot_runs(tmp_path, shards):
     dry = run_cli("sweep", str(sweep), "--dry-run")
     assert dry.returncode == 0, dry.stderr
     assert_user_error(run_cli("forecast", "grid", str(base), "--size", "tiny:hidden_size", "-o", str(sweep)), "key=value")
+    assert_user_error(run_cli("forecast", "grid", str(base), "--size", "tiny", "--size", "tiny", "-o", str(sweep)),
+                      "repeats runs")
+    assert_user_error(run_cli("forecast", "grid", str(base), "--size", "", "-o", str(sweep)), "names no preset")
+    assert_user_error(run_cli("forecast", "grid", str(base), "--size", "tiny:hidden_size=abc", "-o", str(sweep)),
+                      "does not build a model")
     assert_user_error(run_cli("forecast", "grid", str(base), "--size", "tiny", "--multipliers", "5,x", "-o", str(sweep)),
                       "comma-separated numbers")
 

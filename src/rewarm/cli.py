@@ -377,6 +377,8 @@ def _cmd_forecast_predict(args: argparse.Namespace) -> int:
     r = predict(args.law, args.params, args.tokens, level=args.level)
     print(f"N {args.params:,.0f} non-embedding params, D {args.tokens:,.0f} tokens (M = D/N {r['multiplier']:.1f}, "
           f"{r['extrapolation']:.1f}× the largest fitted run's compute), `{r['set']}`:")
+    if r["extrapolation"] > 1000:
+        print("  (over 1,000× past the fitted runs' compute: the laws promise ~300× at best; treat these as guesses)")
     for name, p in r["predictions"].items():
         interval = (f"{100 * p['level']:.0f}% interval {p['low']:.4f} – {p['high']:.4f}" if math.isfinite(p["low"])
                     else "no interval: too few runs for the bootstrap to refit this law")
@@ -387,6 +389,10 @@ def _cmd_forecast_predict(args: argparse.Namespace) -> int:
 def _cmd_forecast_run(args: argparse.Namespace) -> int:
     from rewarm.analysis.forecast import run_forecast
 
+    if args.json:
+        from rewarm.analysis.forecast import output_path
+
+        output_path(args.json, "--json")
     r = run_forecast(args.run, args.at, args.set or None, bootstrap=args.bootstrap, plot=args.plot)
     print(f"{r['run']}: final loss forecast from the evals up to {100 * args.at:.0f}% of its "
           f"{r['final_tokens']:,.0f} tokens")
@@ -602,7 +608,7 @@ def build_parser() -> argparse.ArgumentParser:
     fp.set_defaults(func=_cmd_forecast_predict)
     fr = fc.add_parser("run", help="forecast a run's final losses from the first part of its eval curves")
     fr.add_argument("run", help="a run directory (running or finished)")
-    fr.add_argument("--at", type=float, default=0.3, help="fit the evals up to this fraction of the run's tokens")
+    fr.add_argument("--at", type=float, default=0.3, help="fit the evals up to this fraction of the run's tokens (default 0.3)")
     fr.add_argument("--set", action="append", help="an eval set (repeatable; default: every set)")
     fr.add_argument("--bootstrap", type=int, default=100, help="residual bootstrap resamples for the interval")
     fr.add_argument("--json", help="also write the forecast to this JSON file")

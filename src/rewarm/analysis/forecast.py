@@ -16,6 +16,20 @@ from rewarm.runs import RunData, find_runs
 FORMAT = 1
 
 
+def output_path(path: str | Path, what: str) -> Path:
+    """Checked before any work: an output that is a directory is refused; a missing parent is made."""
+    p = Path(path)
+    if p.is_dir():
+        raise UserError(f"{what} `{p}` is a directory; give a file name (e.g. {p / 'out.json'}).")
+    p.parent.mkdir(parents=True, exist_ok=True)
+    return p
+
+
+def check_bootstrap(n: int) -> None:
+    if not isinstance(n, int) or n < 10:
+        raise UserError(f"--bootstrap must be at least 10 resamples (an interval from fewer means nothing), got {n}.")
+
+
 def _pick_set(runs: list[RunData], eval_set: str | None) -> str:
     common = None
     for r in runs:
@@ -58,6 +72,8 @@ def law_points(paths: list[str], eval_set: str | None) -> tuple[str, list[dict]]
 
 
 def fit_laws(paths: list[str], out: str | Path, eval_set: str | None = None, bootstrap: int = 200, seed: int = 0) -> dict:
+    check_bootstrap(bootstrap)
+    out = output_path(out, "the law file")
     name, points = law_points(paths, eval_set)
     n, d, y = (np.array([p[k] for p in points], dtype=np.float64) for k in ("params", "tokens", "loss"))
     result = {"format": FORMAT, "set": name, "params_count": "non-embedding", "runs": points, "laws": {}}
@@ -76,13 +92,30 @@ def fit_laws(paths: list[str], out: str | Path, eval_set: str | None = None, boo
 
 
 def load_law(path: str | Path) -> dict:
+    """A law file, checked whole: a damaged one is refused here, not half-used by `predict`."""
     p = Path(path)
+    if not p.is_file():
+        raise UserError(f"law file {p} does not exist. Write one with `rewarm forecast fit RUNS -o {p}`.")
     try:
-        raw = yaml.safe_load(p.read_text()) if p.is_file() else None
-    except yaml.YAMLError:
+        raw = yaml.safe_load(p.read_text())
+    except (yaml.YAMLError, UnicodeDecodeError):
         raw = None
     if not isinstance(raw, dict) or raw.get("format") != FORMAT or "laws" not in raw:
         raise UserError(f"{p} is not a law file written by `rewarm forecast fit` (format {FORMAT}).")
+    try:
+        assert isinstance(raw["set"], str) and isinstance(raw["laws"], dict) and raw["runs"]
+        for r in raw["runs"]:
+            assert float(r["params"]) > 0 and float(r["tokens"]) > 0
+        fits = {name: laws.Fit.from_dict({**entry, "law": name}) for name, entry in raw["laws"].items()
+                if "skipped" not in entry}
+        for f in fits.values():
+            assert f.theta.shape == (len(f.law.params),) and np.all(np.isfinite(f.theta))
+    except (AssertionError, KeyError, TypeError, ValueError, IndexError, AttributeError) as exc:
+        raise UserError(f"{p} is a damaged law file ({type(exc).__name__}: {exc}); fit it again with "
+                        "`rewarm forecast fit`.") from None
+    if not fits:
+        raise UserError(f"{p} holds no fitted law (every law was skipped: {raw['laws']}); fit more runs.")
+    raw["_fits"] = fits
     return raw
 
 
@@ -90,17 +123,21 @@ def predict(law_file: str | Path, params: float, tokens: float, level: float = 0
     """Each fitted law's prediction at (N non-embedding params, D tokens) with its bootstrap interval."""
     if not (params > 0 and tokens > 0 and math.isfinite(params) and math.isfinite(tokens)):
         raise UserError(f"--params and --tokens must be positive numbers, got {params} and {tokens}.")
+    if not (0 < level < 1):
+        raise UserError(f"--level is the interval's coverage, a number in (0, 1) (e.g. 0.9), got {level}.")
     raw = load_law(law_file)
+    compute = 6 * params * tokens
+    largest = max(6 * float(p["params"]) * float(p["tokens"]) for p in raw["runs"])
+    if not math.isfinite(compute) or compute / largest > 1e9:
+        raise UserError(f"N × D = {params:.3g} × {tokens:.3g} is {compute / largest:.3g}× the largest fitted run's "
+                        "compute: no law fitted to these runs says anything there. Fit larger pilot runs.")
     out = {"set": raw["set"], "params": params, "tokens": tokens, "multiplier": tokens / params,
-           "compute": 6 * params * tokens, "predictions": {}}
-    largest = max(6 * p["params"] * p["tokens"] for p in raw["runs"])
-    out["extrapolation"] = out["compute"] / largest  # how far past the largest pilot run, in compute
-    for name, entry in raw["laws"].items():
-        if "skipped" in entry:
-            continue
-        f = laws.Fit.from_dict(entry)
-        lo, hi = f.interval(params, tokens, level)
-        out["predictions"][name] = {"loss": float(f.predict(params, tokens)), "low": lo, "high": hi, "level": level}
+           "compute": compute, "predictions": {}, "extrapolation": compute / largest}
+    for name, f in raw["_fits"].items():
+        with np.errstate(over="ignore", invalid="ignore"):
+            lo, hi = f.interval(params, tokens, level)
+            loss = float(f.predict(params, tokens))
+        out["predictions"][name] = {"loss": loss, "low": lo, "high": hi, "level": level}
     return out
 
 
@@ -110,6 +147,8 @@ def run_forecast(run_dir: str | Path, at: float, eval_sets: list[str] | None = N
     (and, with `plot`, a figure: the evals, the fitted part, the forecast curve and its 90% band)."""
     if not 0 < at < 1:
         raise UserError(f"--at is the fraction of the run's tokens to forecast from, in (0, 1); got {at}.")
+    check_bootstrap(bootstrap)
+    plot = output_path(plot, "--plot") if plot else None
     run = RunData.load(run_dir)
     if not run.evals:
         raise UserError(f"{run.path} has no evals yet.")
@@ -182,6 +221,7 @@ def error_points(paths: list[str], eval_set: str | None) -> tuple[str, list[dict
 
 
 def fit_error(paths: list[str], out: str | Path, eval_set: str | None = None) -> dict:
+    out = output_path(out, "the fit file")
     name, pairs = error_points(paths, eval_set)
     f = loss_to_error.fit_error([p["loss"] for p in pairs], [p["error"] for p in pairs])
     result = {"format": FORMAT, "set": name, "pairs": pairs, "fit": f.to_dict()}
@@ -194,20 +234,27 @@ def write_grid(base: str | Path, sizes: list[str], multipliers: list[float], out
     token multiplier M, with max_steps set so the run trains M × N tokens (N non-embedding)."""
     from rewarm.config import config_from_dict, read_mapping
 
-    base_raw = read_mapping(base, "base config")
-    cfg = config_from_dict({**base_raw, "init": "scratch"})
-    per_step = cfg.train.global_batch * cfg.train.seq_len
+    out = output_path(out, "the sweep file")
     if not sizes or not multipliers or any(not (m > 0 and math.isfinite(m)) for m in multipliers):
-        raise UserError("give at least one size and one positive token multiplier (--size tiny --size pythia-14m --multipliers 5,20,80).")
+        raise UserError(f"token multipliers must be positive numbers (e.g. --multipliers 5,20,80), got {multipliers}.")
+    parsed = [_parse_size(size) for size in sizes]
+    base_raw = read_mapping(base, "base config")
+    model = dict(base_raw.get("model") or {}, preset=parsed[0][0])  # the sizes give the shape
+    model.pop("path", None)
+    cfg = config_from_dict({**base_raw, "init": "scratch", "model": model})
+    per_step = cfg.train.global_batch * cfg.train.seq_len
     runs = []
-    for size in sizes:
-        preset, overrides = _parse_size(size)
+    for size, (preset, overrides) in zip(sizes, parsed):
         n = non_embedding_params(cfg, preset, overrides)
         for m in multipliers:
             steps = max(1, math.ceil(m * n / per_step))
             tag = size.replace(":", "_").replace(",", "_").replace("=", "")
-            runs.append({"name": f"{tag}_M{m:g}", "set": {"model.preset": preset, "model.overrides": overrides,
+            runs.append({"name": f"{tag}_M{m:g}", "set": {"model.preset": preset, "model.overrides": dict(overrides),
                                                             "train.max_steps": steps}})
+    names = [r["name"] for r in runs]
+    dupes = sorted({n for n in names if names.count(n) > 1})
+    if dupes:
+        raise UserError(f"the grid repeats runs ({', '.join(dupes)}): give each size and multiplier once.")
     spec = {"name": name, "base": str(Path(base).resolve()), "runs": runs}
     atomic.write_text(Path(out), yaml.safe_dump(spec, sort_keys=False))
     return spec
@@ -215,6 +262,8 @@ def write_grid(base: str | Path, sizes: list[str], multipliers: list[float], out
 
 def _parse_size(size: str) -> tuple[str, dict]:
     preset, _, rest = size.partition(":")
+    if not preset.strip():
+        raise UserError(f"size `{size}` names no preset: give one, e.g. tiny or tiny:hidden_size=64.")
     overrides: dict = {}
     for item in filter(None, rest.split(",")):
         key, eq, value = item.partition("=")
@@ -234,7 +283,13 @@ def non_embedding_params(cfg, preset: str, overrides: dict) -> int:
     from rewarm.tokenizer import load_tokenizer
 
     tokenizer = load_tokenizer(cfg.tokenizer or TokenShards(cfg.data.train[0].path).tokenizer_path)
-    hf = build_config(preset, None, overrides, len(tokenizer), cfg.model.vocab_size, tokenizer.eos_token_id)
-    with torch.device("meta"):
-        model = AutoModelForCausalLM.from_config(hf)
+    try:
+        hf = build_config(preset, None, overrides, len(tokenizer), cfg.model.vocab_size, tokenizer.eos_token_id)
+        with torch.device("meta"):
+            model = AutoModelForCausalLM.from_config(hf)
+    except UserError:
+        raise
+    except Exception as exc:  # transformers' own validation of a field's type or value
+        raise UserError(f"size `{preset}` with overrides {overrides} does not build a model "
+                        f"({type(exc).__name__}: {str(exc).splitlines()[0] if str(exc) else ''}).") from None
     return count_params(model, exclude_embeddings=True)
