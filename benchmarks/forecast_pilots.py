@@ -17,7 +17,7 @@ import time
 from pathlib import Path
 
 from rewarm import corpora
-from rewarm.analysis.forecast import fit_laws, non_embedding_params, predict, run_forecast
+from rewarm.analysis.forecast import fit_laws, non_embedding_params, plot_law, predict, run_forecast
 from rewarm.config import config_from_dict
 from rewarm.data.prepare import prepare
 from rewarm.data.sources import ReadStats, file_documents
@@ -81,6 +81,7 @@ def main() -> None:
     tokens, measured = held.evals[-1][1], held.final("upstream")
     largest = max(6 * p["params"] * p["tokens"] for p in law["runs"])
     pred = predict(out / "law.json", n_big, tokens)
+    plot_law(law, out / "law.png", [{"params": n_big, "tokens": tokens, "loss": measured}])
     print(f"pilots: {len(planned)} runs, N {min(n_of.values()):,}–{max(n_of.values()):,} non-embedding, "
           f"M {', '.join(map(str, size['multipliers']))}; held-out: N {n_big:,}, D {tokens:,} "
           f"({6 * n_big * tokens / largest:.1f}× the largest pilot's compute); wall {time.perf_counter() - started:.0f} s")

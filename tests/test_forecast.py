@@ -109,7 +109,8 @@ def pilots(tmp_path_factory, shards):
 
 def test_fit_and_predict_on_real_runs(pilots, tmp_path):
     law_file = tmp_path / "law.json"
-    proc = run_cli("forecast", "fit", str(pilots), "-o", str(law_file), "--set", "upstream", "--bootstrap", "20")
+    proc = run_cli("forecast", "fit", str(pilots), "-o", str(law_file), "--set", "upstream", "--bootstrap", "20",
+                   "--plot", str(tmp_path / "law.png"))
     assert proc.returncode == 0, proc.stderr
     law = json.loads(law_file.read_text())
     assert law["set"] == "upstream" and len(law["runs"]) == 6 and law["params_count"] == "non-embedding"
@@ -117,7 +118,7 @@ def test_fit_and_predict_on_real_runs(pilots, tmp_path):
     starts = [json.loads(line) for line in (pilots / "w16_s4" / "metrics.jsonl").read_text().splitlines()][0]
     row = next(r for r in law["runs"] if r["run"] == "w16_s4")
     assert row["params"] == starts["params_non_embedding"] and row["tokens"] == 4 * 8 * 32
-    assert "overtrain:" in proc.stdout
+    assert "overtrain:" in proc.stdout and (tmp_path / "law.png").read_bytes()[:4] == b"\x89PNG"
     out = run_cli("forecast", "predict", str(law_file), "--params", "50000", "--tokens", "2e6")
     assert out.returncode == 0, out.stderr
     low, high = (float(x) for x in out.stdout.split("overtrain")[1].split("interval ")[1].split(")")[0].split(" – "))

@@ -360,7 +360,7 @@ def _cmd_config_reference(args: argparse.Namespace) -> int:
 def _cmd_forecast_fit(args: argparse.Namespace) -> int:
     from rewarm.analysis.forecast import fit_laws
 
-    r = fit_laws(args.runs, args.output, eval_set=args.set, bootstrap=args.bootstrap)
+    r = fit_laws(args.runs, args.output, eval_set=args.set, bootstrap=args.bootstrap, plot=args.plot)
     print(f"fitted to {len(r['runs'])} runs, final loss on `{r['set']}` (N = non-embedding parameters): {args.output}")
     for name, entry in r["laws"].items():
         if "skipped" in entry:
@@ -368,6 +368,8 @@ def _cmd_forecast_fit(args: argparse.Namespace) -> int:
         else:
             params = ", ".join(f"{k} {v:.4g}" for k, v in entry["params"].items())
             print(f"  {name}: {params}; rms error {100 * entry['rms_log_error']:.2f}% over the runs")
+    if args.plot:
+        print(f"plot: {r['plot']}")
     return 0
 
 
@@ -599,6 +601,7 @@ def build_parser() -> argparse.ArgumentParser:
     ff.add_argument("-o", "--output", required=True, help="the law file to write (JSON)")
     ff.add_argument("--set", help="the eval set whose final loss is fitted (needed when the runs share several)")
     ff.add_argument("--bootstrap", type=int, default=200, help="bootstrap resamples of the runs for the intervals")
+    ff.add_argument("--plot", help="also draw the runs and the fitted laws (loss vs compute) into this PNG")
     ff.set_defaults(func=_cmd_forecast_fit)
     fp = fc.add_parser("predict", help="a law file's predicted loss at N parameters and D tokens, with its interval")
     fp.add_argument("law", help="a law file from `rewarm forecast fit`")

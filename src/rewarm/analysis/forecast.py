@@ -71,9 +71,11 @@ def law_points(paths: list[str], eval_set: str | None) -> tuple[str, list[dict]]
     return name, points
 
 
-def fit_laws(paths: list[str], out: str | Path, eval_set: str | None = None, bootstrap: int = 200, seed: int = 0) -> dict:
+def fit_laws(paths: list[str], out: str | Path, eval_set: str | None = None, bootstrap: int = 200, seed: int = 0,
+             plot: str | Path | None = None) -> dict:
     check_bootstrap(bootstrap)
     out = output_path(out, "the law file")
+    plot = output_path(plot, "--plot") if plot else None
     name, points = law_points(paths, eval_set)
     n, d, y = (np.array([p[k] for p in points], dtype=np.float64) for k in ("params", "tokens", "loss"))
     result = {"format": FORMAT, "set": name, "params_count": "non-embedding", "runs": points, "laws": {}}
@@ -88,7 +90,44 @@ def fit_laws(paths: list[str], out: str | Path, eval_set: str | None = None, boo
     if all("skipped" in v for v in result["laws"].values()):
         laws.check_points(laws.LAWS["overtrain"], n, d, y)  # raises with the reason
     atomic.write_json(Path(out), result)
+    if plot:
+        result["plot"] = str(plot_law(result, plot))
     return result
+
+
+def plot_law(result: dict, out: Path, held_out: list[dict] | None = None) -> Path:
+    """Final loss vs compute C = 6ND: the runs (one colour per token multiplier M), each law's curve
+    at those M over the fitted range and up to 30× past it, and any held-out runs."""
+    from rewarm.plots import _pyplot, save_figure
+
+    plt = _pyplot()
+    fig, ax = plt.subplots(figsize=(6.4, 4.2))
+    runs = result["runs"]
+    ms = sorted({float(f"{p['tokens'] / p['params']:.2g}") for p in runs})
+    c_lo = min(6 * p["params"] * p["tokens"] for p in runs)
+    c_hi = 30 * max(6 * p["params"] * p["tokens"] for p in runs + (held_out or []))
+    grid = np.geomspace(c_lo / 2, c_hi, 100)
+    styles = {"overtrain": "-", "chinchilla": ":"}
+    for i, m in enumerate(ms):
+        color = f"C{i}"
+        pts = [p for p in runs if float(f"{p['tokens'] / p['params']:.2g}") == m]
+        ax.plot([6 * p["params"] * p["tokens"] for p in pts], [p["loss"] for p in pts], "o", color=color, label=f"runs, M = {m:g}")
+        n = np.sqrt(grid / (6 * m))  # C = 6·N·(M·N)
+        for name, entry in result["laws"].items():
+            if "skipped" not in entry:
+                ax.plot(grid, laws.Fit.from_dict(entry).predict(n, m * n), styles.get(name, "--"), color=color, lw=1)
+    for p in held_out or []:
+        ax.plot(6 * p["params"] * p["tokens"], p["loss"], "*", ms=14, color="k",
+                label=f"held out (M = {p['tokens'] / p['params']:.0f})")
+    ax.set_xscale("log")
+    ax.set_xlabel("compute C = 6·N·D (N non-embedding)")
+    ax.set_ylabel(f"final `{result['set']}` loss (nats/token)")
+    ax.set_title("fitted laws: " + ", ".join(f"{k} ({styles.get(k, '--')})" for k, v in result["laws"].items()
+                                             if "skipped" not in v), fontsize=9)
+    ax.legend(fontsize=7)
+    path = save_figure(fig, out)
+    plt.close(fig)
+    return path
 
 
 def load_law(path: str | Path) -> dict:
