@@ -14,8 +14,8 @@ import itertools
 from dataclasses import dataclass
 
 import numpy as np
-from scipy.optimize import least_squares
 
+from rewarm.analysis.fitting import best_of_starts
 from rewarm.errors import UserError
 
 MIN_POINTS = 5  # one more than the curve's 4 parameters, so the residuals say something about the noise
@@ -27,17 +27,7 @@ def curve(theta: np.ndarray, d) -> np.ndarray:
 
 
 def _fit(d: np.ndarray, loss: np.ndarray, starts) -> np.ndarray:
-    def residual(theta):
-        with np.errstate(over="ignore", invalid="ignore"):
-            r = curve(theta, d) - loss
-        return np.where(np.isfinite(r), r, 1e3)
-
-    best, cost = None, np.inf
-    for x0 in starts:
-        sol = least_squares(residual, x0, method="lm", max_nfev=4000)
-        if sol.cost < cost:
-            best, cost = sol.x, sol.cost
-    return best
+    return best_of_starts(lambda theta: curve(theta, d), loss, starts)[0]
 
 
 def _starts(d: np.ndarray, loss: np.ndarray) -> list[np.ndarray]:

@@ -23,8 +23,8 @@ import math
 from dataclasses import dataclass
 
 import numpy as np
-from scipy.optimize import least_squares
 
+from rewarm.analysis.fitting import best_of_starts
 from rewarm.errors import UserError
 
 
@@ -85,19 +85,9 @@ def check_points(law: Law, n, d, loss) -> tuple[np.ndarray, np.ndarray, np.ndarr
 
 
 def _best_fit(law: Law, n, d, loss, starts: list[np.ndarray]) -> tuple[np.ndarray, float]:
-    log_loss = np.log(loss)
-
-    def residual(theta):
-        with np.errstate(over="ignore", invalid="ignore"):
-            r = np.log(np.maximum(law(theta, n, d), 1e-12)) - log_loss
-        return np.where(np.isfinite(r), r, 1e3)
-
-    best, best_cost = None, np.inf
-    for x0 in starts:
-        sol = least_squares(residual, x0, method="lm", max_nfev=2000)
-        if sol.cost < best_cost:
-            best, best_cost = sol.x, sol.cost
-    return best, float(best_cost)
+    """Least squares on log L (relative errors)."""
+    return best_of_starts(lambda theta: np.log(np.maximum(law(theta, n, d), 1e-12)), np.log(loss), starts,
+                          max_nfev=2000)
 
 
 @dataclass

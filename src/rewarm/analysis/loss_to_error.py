@@ -13,8 +13,8 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 import numpy as np
-from scipy.optimize import least_squares
 
+from rewarm.analysis.fitting import best_of_starts
 from rewarm.errors import UserError
 
 
@@ -51,16 +51,10 @@ def fit_error(loss, error) -> ErrorFit:
     if np.any(~np.isfinite(x)) or np.any(~np.isfinite(y)) or np.any((y < 0) | (y > 1)):
         raise UserError("losses must be finite and errors in [0, 1] to fit loss → error.")
 
-    def residual(theta):
-        with np.errstate(over="ignore", invalid="ignore"):
-            r = error_curve(theta, x) - y
-        return np.where(np.isfinite(r), r, 1e3)
-
-    best, cost = None, np.inf
+    starts = []
     for gamma in (0.5, 1.0, 2.0, 4.0):
         for eps in (float(y.max()), 1.0):
             k0 = max(eps - float(y.min()), 1e-3) * np.exp(gamma * float(x.min()))
-            sol = least_squares(residual, np.array([eps, np.log(k0), gamma]), method="lm", max_nfev=4000)
-            if sol.cost < cost:
-                best, cost = sol.x, sol.cost
+            starts.append(np.array([eps, np.log(k0), gamma]))
+    best, cost = best_of_starts(lambda theta: error_curve(theta, x), y, starts)
     return ErrorFit(best, float(np.sqrt(2 * cost / len(x))), len(x))
