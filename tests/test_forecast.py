@@ -181,6 +181,26 @@ def test_forecast_a_run_from_its_first_part(pilots, tmp_path):
     assert_user_error(run_cli("forecast", "run", str(run), "--at", "1.5"), "in (0, 1)")
 
 
+def test_report_draws_forecast_bands_and_tabulates_them(pilots, tmp_path):
+    proc = run_cli("report", str(pilots / "w32_s16"), str(pilots / "w16_s4"), "-o", str(tmp_path / "rep"),
+                   "--forecast", "0.7")
+    assert proc.returncode == 0, proc.stderr
+    text = (tmp_path / "rep" / "report.md").read_text()
+    table = text.split("Early-curve forecast")[1].split("\n## ")[0]
+    single = run_cli("forecast", "run", str(pilots / "w32_s16"), "--at", "0.7", "--set", "upstream",
+                     "--json", str(tmp_path / "f.json"))
+    assert single.returncode == 0, single.stderr
+    row = json.loads((tmp_path / "f.json").read_text())["sets"]["upstream"]
+    # the same forecast as `rewarm forecast run` (same fit and cut), and the too-short run says why it has none
+    assert f"| w32_s16 | upstream | {row['predicted']:.4f} |" in table
+    assert f"{100 * row['relative_error']:+.2f}%" in table
+    assert "| w16_s4 | upstream | – | – |" in table and "at least 5 evals" in table
+    assert (tmp_path / "rep" / "loss_vs_tokens.png").read_bytes()[:4] == b"\x89PNG"
+    assert run_cli("report", str(pilots), "-o", str(tmp_path / "plain")).returncode == 0
+    assert "Early-curve" not in (tmp_path / "plain" / "report.md").read_text()
+    assert_user_error(run_cli("report", str(pilots), "-o", str(tmp_path / "bad"), "--forecast", "1.5"), "in (0, 1)")
+
+
 def test_grid_writes_a_sweep_of_pilot_runs(tmp_path, shards):
     base = write_config(tmp_path / "base.yaml", small_run_config(tmp_path / "unused", shards))
     sweep = tmp_path / "grid.yaml"

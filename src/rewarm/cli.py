@@ -345,7 +345,13 @@ def _cmd_demo(args: argparse.Namespace) -> int:
 def _cmd_report(args: argparse.Namespace) -> int:
     from rewarm.report import report
 
-    path = report(args.runs, args.output, fmt=args.format, title=args.title, roles_file=args.roles, final=args.final)
+    bands = None
+    if args.forecast is not None:
+        from rewarm.analysis.forecast import report_bands
+
+        bands = report_bands(args.forecast)
+    path = report(args.runs, args.output, fmt=args.format, title=args.title, roles_file=args.roles, final=args.final,
+                  forecast=bands)
     print(f"wrote {path}")
     return 0
 
@@ -592,6 +598,9 @@ def build_parser() -> argparse.ArgumentParser:
     rp.add_argument("--final", default="last_eval",
                     help="final loss: last_eval (the table's `final` columns, always shown) or mean_last_train:N "
                          "(adds the mean training loss over the last N steps, Ibrahim et al. 2024's definition)")
+    rp.add_argument("--forecast", type=float, metavar="AT",
+                    help="draw each run's early-curve forecast from the first AT (0-1) of its tokens, with its 90%% "
+                         "band, on the loss plot, and tabulate forecast vs measured final loss (`rewarm forecast run`)")
     rp.set_defaults(func=_cmd_report)
 
     fc = sub.add_parser("forecast", help="predict losses before paying for runs: scaling laws, early curves, "

@@ -35,7 +35,10 @@ def _colors(runs: list[RunData]) -> dict[str, tuple]:
     return {r.name: cmap(i % cmap.N) for i, r in enumerate(runs)}
 
 
-def plot_losses(runs: list[RunData], out: Path, dashed: set[str] = frozenset()) -> Path:
+def plot_losses(runs: list[RunData], out: Path, dashed: set[str] = frozenset(),
+                bands: dict[tuple[str, str], dict] | None = None) -> Path:
+    """Loss vs tokens per eval set; with `bands` ((run, set) -> forecast), each run's early-curve
+    forecast is drawn dotted from its cut to its end, with the 90% band shaded."""
     plt = _pyplot()
     sets = _set_names(runs)
     colors = _colors(runs)
@@ -46,7 +49,12 @@ def plot_losses(runs: list[RunData], out: Path, dashed: set[str] = frozenset()) 
             if pts:
                 ax.plot([p[0] / 1e6 for p in pts], [p[1] for p in pts], label=r.name, color=colors[r.name],
                         linestyle="--" if r.name in dashed else "-", linewidth=1.5)
-        ax.set_title(f"{name} held-out loss")
+            band = (bands or {}).get((r.name, name))
+            if band and "tokens" in band:
+                x = [t / 1e6 for t in band["tokens"]]
+                ax.plot(x, band["mid"], linestyle=":", color=colors[r.name], linewidth=1.5)
+                ax.fill_between(x, band["band_low"], band["band_high"], color=colors[r.name], alpha=0.15, linewidth=0)
+        ax.set_title(f"{name} held-out loss" + (" (dotted: forecast, shaded: 90% band)" if bands else ""))
         ax.set_xlabel("tokens seen in this run (millions)")
         ax.set_ylabel("cross-entropy (nats / token)")
         ax.grid(alpha=0.3)
@@ -244,11 +252,31 @@ def samples_table(runs: list[RunData]) -> tuple[list[str], list[list[str]]]:
     return ["run", "prompt", "step 0", "final"], rows
 
 
+def forecast_table(runs: list[RunData], bands: dict[tuple[str, str], dict]) -> tuple[list[str], list[list[str]]]:
+    """Per run and eval set: the forecast final loss with its 90% interval, the measured one, the error."""
+    rows = []
+    for r in runs:
+        for s in _set_names([r]):
+            b = bands.get((r.name, s))
+            if b is None:
+                continue
+            if "skipped" in b:
+                rows.append([r.name, s, "–", "–", _fmt(r.final(s)) if r.finished else "–", b["skipped"]])
+                continue
+            err = f"{100 * b['relative_error']:+.2f}%" if "relative_error" in b else "run unfinished"
+            rows.append([r.name, s, f"{b['predicted']:.4f}", f"{b['low']:.4f} – {b['high']:.4f}",
+                         _fmt(b.get("measured")), err])
+    return ["run", "eval set", "forecast final", "90% interval", "measured final", "error"], rows
+
+
 def report(paths: list[str], out_dir: str | Path, fmt: str = "md", title: str = "rewarm report",
            roles_file: str | None = None, extra_images: dict[str, Path] | None = None,
-           final: str = "last_eval") -> Path:
+           final: str = "last_eval", forecast=None) -> Path:
+    """`forecast`: optional (RunData, eval set) -> band dict (rewarm.analysis.forecast.report_bands),
+    passed in by the command so the report never imports the analysis package."""
     mean_last_train = parse_final(final)
     runs = find_runs(paths)
+    bands = {(r.name, s): forecast(r, s) for r in runs for s in _set_names([r])} if forecast else {}
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     by_name = {r.name: r for r in runs}
@@ -257,7 +285,7 @@ def report(paths: list[str], out_dir: str | Path, fmt: str = "md", title: str = 
     names = (roles.upstream, roles.downstream) if roles else ("upstream", "downstream")  # what forgetting is read on
     images = {
         **(extra_images or {}),
-        "Held-out loss vs tokens": plot_losses(runs, out / "loss_vs_tokens.png", dashed),
+        "Held-out loss vs tokens": plot_losses(runs, out / "loss_vs_tokens.png", dashed, bands),
         "Forgetting vs adaptation": plot_tradeoff(runs, out / "tradeoff.png", *names),
         "Downstream tasks vs tokens": plot_downstream(runs, out / "downstream.png"),
         "Learning rates": plot_lrs(runs, out / "lr.png"),
@@ -266,6 +294,8 @@ def report(paths: list[str], out_dir: str | Path, fmt: str = "md", title: str = 
     header, rows = run_table(runs, mean_last_train, *names)
     replicates = replicate_table(runs, *(roles.upstream, roles.downstream) if roles else ())
     tables = [("Seed replicates (mean ± spread)", *replicates),
+              (f"Early-curve forecast of the final loss from the first {100 * forecast.at:.0f}% of each run's tokens "
+               "(L = E + A·(D + D₀)^−α fitted to the evals after warmup)" if forecast else "", *forecast_table(runs, bands)),
               ("Downstream tasks: accuracy at step 0 and at the end (± standard error)", *task_change_table(runs)),
               ("Text samples: greedy continuations at step 0 and at the end", *samples_table(runs))]
     tables = [t for t in tables if t[2]]

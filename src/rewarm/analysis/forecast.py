@@ -180,42 +180,82 @@ def predict(law_file: str | Path, params: float, tokens: float, level: float = 0
     return out
 
 
+def _cut(run: RunData, at: float) -> tuple[float, float, float]:
+    """(tokens the run will have seen at its last step, the fit's cutoff, tokens at the end of warmup)."""
+    per_step = run.evals[-1][1] / run.evals[-1][0] if run.evals[-1][0] else None
+    planned = run.max_steps * per_step if per_step else run.evals[-1][1]
+    return planned, at * planned, run.warmup_steps() * per_step if per_step else 0.0
+
+
+def forecast_set(run: RunData, name: str, at: float, bootstrap: int = 100) -> tuple[dict, curves.CurveForecast]:
+    """One eval set's final loss forecast from the evals after warmup up to `at` × the run's tokens,
+    with the measured final loss and the relative error when the run has finished."""
+    planned, cutoff, _ = _cut(run, at)
+    warm = run.warmup_steps()
+    pts = [(tok, sets[name]) for step, tok, sets in run.evals if name in sets and step > warm and tok <= cutoff]
+    f = curves.forecast([t for t, _ in pts], [v for _, v in pts], bootstrap=bootstrap)
+    lo, hi = f.interval(planned)
+    row = {"predicted": f.predict(planned), "low": lo, "high": hi, "points": f.points, "curve": f.theta.tolist()}
+    measured = [sets[name] for step, _, sets in run.evals if name in sets and step == run.max_steps]
+    if run.finished and measured:
+        row["measured"] = measured[-1]
+        row["relative_error"] = (row["predicted"] - measured[-1]) / measured[-1]
+    return row, f
+
+
 def run_forecast(run_dir: str | Path, at: float, eval_sets: list[str] | None = None, bootstrap: int = 100,
                  plot: str | Path | None = None) -> dict:
-    """The final loss of each eval set forecast from the evals after warmup up to `at` × the run's tokens
+    """The final loss of each eval set forecast from the first `at` of the run's tokens
     (and, with `plot`, a figure: the evals, the fitted part, the forecast curve and its 90% band)."""
-    if not 0 < at < 1:
-        raise UserError(f"--at is the fraction of the run's tokens to forecast from, in (0, 1); got {at}.")
+    check_at(at)
     check_bootstrap(bootstrap)
     plot = output_path(plot, "--plot") if plot else None
     run = RunData.load(run_dir)
     if not run.evals:
         raise UserError(f"{run.path} has no evals yet.")
-    per_step = run.evals[-1][1] / run.evals[-1][0] if run.evals[-1][0] else None
-    planned = run.max_steps * per_step if per_step else run.evals[-1][1]
-    cutoff = at * planned
-    warm = run.warmup_steps()
-    names = eval_sets or sorted({n for _, _, s in run.evals for n in s})
+    planned, cutoff, warm_tokens = _cut(run, at)
+    known = {n for _, _, s in run.evals for n in s}
+    names = eval_sets or sorted(known)
     out = {"run": str(run.path), "at": at, "cutoff_tokens": cutoff, "final_tokens": planned,
            "finished": run.finished, "sets": {}}
     fits: dict = {}
     for name in names:
-        if name not in {n for _, _, s in run.evals for n in s}:
+        if name not in known:
             raise UserError(f"run {run.name} has no eval set `{name}`.")
-        pts = [(tok, sets[name]) for step, tok, sets in run.evals if name in sets and step > warm and tok <= cutoff]
-        f = curves.forecast([t for t, _ in pts], [v for _, v in pts], bootstrap=bootstrap)
-        lo, hi = f.interval(planned)
-        row = {"predicted": f.predict(planned), "low": lo, "high": hi, "points": f.points,
-               "curve": f.theta.tolist()}
-        measured = [sets[name] for step, _, sets in run.evals if name in sets and step == run.max_steps]
-        if run.finished and measured:
-            row["measured"] = measured[-1]
-            row["relative_error"] = (row["predicted"] - measured[-1]) / measured[-1]
-        out["sets"][name] = row
-        fits[name] = (f, run.series(name), cutoff, warm * per_step if per_step else 0.0)
+        out["sets"][name], f = forecast_set(run, name, at, bootstrap)
+        fits[name] = (f, run.series(name), cutoff, warm_tokens)
     if plot:
         out["plot"] = str(plot_forecast(fits, planned, Path(plot), f"{run.name}: forecast from {100 * at:.0f}% of its tokens"))
     return out
+
+
+def check_at(at: float) -> None:
+    if not 0 < at < 1:
+        raise UserError(f"--at is the fraction of the run's tokens to forecast from, in (0, 1); got {at}.")
+
+
+def report_bands(at: float, bootstrap: int = 50):
+    """What `rewarm report --forecast AT` draws: for (run, eval set), the forecast curve from the cut to
+    the run's end with its 90% band, or the reason there is none. The report takes it as a callable,
+    so the core never imports this package."""
+    check_at(at)
+
+    def band(run: RunData, name: str) -> dict:
+        if not run.evals or not run.evals[-1][0]:
+            return {"skipped": "no evals after step 0"}
+        planned, cutoff, _ = _cut(run, at)
+        try:
+            row, f = forecast_set(run, name, at, bootstrap)
+        except UserError as e:
+            return {"skipped": str(e).split(". ")[0]}
+        grid = np.linspace(cutoff, planned, 60)
+        boot = np.array([curves.curve(t, grid) for t in f.boot])
+        low, high = np.nanpercentile(boot, [5, 95], axis=0)
+        return {**row, "at": at, "tokens": grid.tolist(), "mid": curves.curve(f.theta, grid).tolist(),
+                "band_low": low.tolist(), "band_high": high.tolist()}
+
+    band.at = at
+    return band
 
 
 def plot_forecast(fits: dict, final_tokens: float, out: Path, title: str) -> Path:
