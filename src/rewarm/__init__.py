@@ -3,14 +3,17 @@
 __version__ = "0.1.0"
 
 
-def _register_model_classes() -> None:
-    """Model classes of the subpackages become known to transformers' Auto classes, so saved models
-    load with AutoModelForCausalLM after `import rewarm` (no remote code). See DESIGN: the seams."""
+def _register_subpackages() -> None:
+    """Subpackages plug in: their model classes become known to transformers' Auto classes (saved
+    models load with AutoModelForCausalLM after `import rewarm`, no remote code), their optimizers
+    to `optimizer.name`. See DESIGN: the seams."""
     try:
         from rewarm.mixers.modeling import register
+        from rewarm.optim import register as register_optimizers
     except ImportError:  # without torch/transformers there is nothing to register
         return
     register()
+    register_optimizers()
 
 
-_register_model_classes()
+_register_subpackages()

@@ -91,6 +91,9 @@ class ScheduleConfig:
 
 @dataclass
 class OptimizerConfig:
+    name: str = _f("adamw", "adamw | onebit_adam (1-bit Adam: compressed momentum exchange across data-parallel ranks)")
+    options: dict = _f({}, "settings of a non-AdamW optimizer, e.g. onebit_adam: {freeze_step: 500} or "
+                           "{freeze_after_warmup: 0.15}")
     betas: list = _f([0.9, 0.95], "AdamW betas")
     eps: float = _f(1e-8, "AdamW epsilon")
     weight_decay: float = _f(0.1, "decoupled weight decay (not applied to biases and norm weights)")
@@ -548,6 +551,9 @@ def validate(cfg: RunConfig) -> None:
     if s.cooldown_fraction > s.constant_fraction:
         raise UserError(f"`schedule.cooldown_fraction` ({s.cooldown_fraction}) must not exceed `schedule.constant_fraction` "
                         f"({s.constant_fraction}): the infinite schedule cools down first, then holds, then anneals.")
+    from rewarm import optimizers
+
+    optimizers.check(cfg)
     ds = cfg.eval.downstream
     if any(not isinstance(t, str) or not t for t in ds.tasks):
         raise UserError(f"`eval.downstream.tasks` must be a list of task names, e.g. [hellaswag, arc_easy]; got {ds.tasks}.")

@@ -18,7 +18,7 @@ from typing import Any, Callable
 import torch
 import yaml
 
-from rewarm import atomic, checkpoint, distributed
+from rewarm import atomic, checkpoint, distributed, optimizers
 from rewarm.config import RunConfig, check_batch, config_from_dict, dump_yaml, read_yaml, to_dict
 from rewarm.data.mixture import Mixture, Source
 from rewarm.data.shards import TokenShards
@@ -140,13 +140,20 @@ def _check_drift(saved: dict, current: dict, allow: bool, device: torch.device) 
         return out
 
     a, b = flat(saved), flat(current)
+    for k, v in flat(to_dict(RunConfig())).items():  # keys newer than the saved run: it had their defaults
+        a.setdefault(k, v)
     for cfg in (a, b):  # `auto` and what it resolves to on this machine are the same run
         if cfg.get("train.precision") == "auto":
             cfg["train.precision"] = resolve_precision("auto", device)
     diff = [f"  {k}: {a.get(k)!r} -> {b.get(k)!r}" for k in sorted(set(a) | set(b))
             if a.get(k) != b.get(k) and k not in RESUME_SAFE_KEYS]
+    why = ""
+    if a.get("optimizer.name") != b.get("optimizer.name"):
+        why = ("\nChanging optimizer.name: the saved moments (exp_avg, exp_avg_sq) and per-parameter step count carry "
+               "over as the new optimizer's; 1-bit Adam's error buffers start at zero and its variance freezes at "
+               "its own freeze step.")
     if diff and not allow:
-        raise UserError("resuming with a config that changes the run:\n" + "\n".join(diff) +
+        raise UserError("resuming with a config that changes the run:\n" + "\n".join(diff) + why +
                         "\nResume with the run's own config.yaml, or pass --allow-config-change if this is intended.")
     if diff:
         log.warning("resuming with a changed config (allowed):\n%s", "\n".join(diff))
@@ -292,13 +299,7 @@ def start_run(cfg: RunConfig, run: RunDir, d: Dist, *, overwrite: bool = False, 
     eval_sets = [EvalSet.from_shards(name, sh, cfg.train.seq_len, cfg.eval.tokens) for name, sh in eval_shards]
     d.barrier()  # rank 0 has cleaned an --overwrite'd run directory
     model = distributed.wrap(model, d, cfg.distributed.strategy, device, cfg.distributed.cpu_offload)
-    # fused AdamW (one kernel over all parameters; 4x faster than foreach on CPU, measured in
-    # benchmarks/) except under FSDP, whose sharded DTensor parameters take the foreach path
-    fused = not (d.active and cfg.distributed.strategy == "fsdp")
-    opt = torch.optim.AdamW(
-        _param_groups(model, cfg.optimizer.weight_decay), lr=cfg.schedule.max_lr,
-        betas=tuple(cfg.optimizer.betas), eps=cfg.optimizer.eps, **({"fused": True} if fused else {"foreach": True}),
-    )
+    opt = optimizers.build(model, _param_groups(model, cfg.optimizer.weight_decay), cfg, d)
 
     state = TrainerState()
     optimizer_from = "fresh"

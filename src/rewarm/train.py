@@ -111,6 +111,7 @@ def _loop(cfg: RunConfig, run: RunDir, st: RunState, metrics: MetricsWriter, sto
                 "loss": result.loss, "grad_norm": result.grad_norm, "tokens_per_s": round(tok_s, 1),
                 "source_tokens": st.mixture.tokens_per_source(step * t.global_batch),
                 **({"aux_loss": result.aux_loss} if result.aux_loss is not None else {}),
+                **(st.optimizer.step_metrics() if hasattr(st.optimizer, "step_metrics") else {}),
             })
             bar.set_postfix(loss=f"{result.loss:.3f}", lr=f"{result.lr:.2e}", tok_s=f"{tok_s:,.0f}")
         bar.update(1)
@@ -178,6 +179,7 @@ def train_step(st: RunState, fns: _StepFunctions) -> StepResult:
     lr = st.schedule(ts.step) * ts.lr_scale
     for group in opt.param_groups:
         group["lr"] = lr
+        group["run_step"] = ts.step  # the seam for step-aware optimizers (rewarm.optimizers)
     windows, _ = st.mixture.batch(ts.step, d.rank, d.world)
     micro_batches = torch.from_numpy(windows).split(cfg.train.micro_batch)
     loss_t = torch.zeros((), dtype=torch.float64, device=st.device)  # summed on the device: no sync per micro-batch
@@ -202,8 +204,11 @@ def train_step(st: RunState, fns: _StepFunctions) -> StepResult:
     host = torch.stack([loss_t, norm.detach().double(), aux_t if aux_t is not None else loss_t]).tolist()
     loss_sum, grad_norm = host[0], host[1]
     aux_mean = d.mean(host[2], st.device) if aux_t is not None else None
-    loss_sum = d.mean(loss_sum, st.device)  # every rank sees (and agrees on) the global loss
-    finite = math.isfinite(loss_sum) and math.isfinite(grad_norm)
+    # every rank sees the global loss and agrees on skipping: the gradient norm is each rank's own
+    # when an optimizer exchanges gradients itself (1-bit Adam), so its finiteness is voted on too
+    loss_sum, bad_norm = d.sum([loss_sum, 0.0 if math.isfinite(grad_norm) else 1.0], st.device)
+    loss_sum /= d.world
+    finite = math.isfinite(loss_sum) and bad_norm == 0
     if finite and fns.scaler:
         fns.scaler.step(opt)
         fns.scaler.update()
