@@ -6,14 +6,16 @@ __version__ = "0.1.0"
 def _register_subpackages() -> None:
     """Subpackages plug in: their model classes become known to transformers' Auto classes (saved
     models load with AutoModelForCausalLM after `import rewarm`, no remote code), their optimizers
-    to `optimizer.name`. See DESIGN: the seams."""
+    to `optimizer.name`, their eval hooks to `eval.<name>`. See DESIGN: the seams."""
     try:
+        from rewarm.analysis.health import register as register_eval_hooks
         from rewarm.mixers.modeling import register
         from rewarm.optim import register as register_optimizers
     except ImportError:  # without torch/transformers there is nothing to register
         return
     register()
     register_optimizers()
+    register_eval_hooks()
 
 
 _register_subpackages()

@@ -363,6 +363,22 @@ def _cmd_config_reference(args: argparse.Namespace) -> int:
     return 0
 
 
+def _cmd_flatness(args: argparse.Namespace) -> int:
+    from rewarm.analysis.flatness import flatness_of_checkpoint
+
+    results = flatness_of_checkpoint(args.model, _parse_named(args.data, "--data"), samples=args.samples,
+                                     tokens=args.tokens, seq_len=args.seq_len, seed=args.seed,
+                                     tokenizer=args.tokenizer, cpu=args.cpu)
+    for name, r in results.items():
+        print(f"{name}: tr(H) = {r['trace']:.4g} ± {r['stderr']:.2g} (standard error, {r['samples']} probes; "
+              f"loss {r['loss']:.4f} over {r['tokens']:,} tokens, {r['params']:,} parameters)")
+    if args.json:
+        from rewarm import atomic
+
+        atomic.write_json(args.json, results)
+    return 0
+
+
 def _cmd_forecast_fit(args: argparse.Namespace) -> int:
     from rewarm.analysis.forecast import fit_laws
 
@@ -602,6 +618,20 @@ def build_parser() -> argparse.ArgumentParser:
                     help="draw each run's early-curve forecast from the first AT (0-1) of its tokens, with its 90%% "
                          "band, on the loss plot, and tabulate forecast vs measured final loss (`rewarm forecast run`)")
     rp.set_defaults(func=_cmd_report)
+
+    fl = sub.add_parser("flatness", help="the Hessian trace of a model's held-out loss (Hutchinson's estimator): "
+                                         "flatter models transfer better (Liu et al. 2022)")
+    fl.add_argument("model", help="an HF model directory, a checkpoint (checkpoints/step_N, final/) or an installed name")
+    fl.add_argument("--data", action="append", required=True, metavar="NAME=SHARDS",
+                    help="a held-out set prepared by `rewarm prepare` (repeat for several)")
+    fl.add_argument("--samples", type=int, default=8, help="Rademacher probes (default 8)")
+    fl.add_argument("--tokens", type=int, default=1024, help="held-out tokens the loss is taken over (default 1024)")
+    fl.add_argument("--seq-len", type=int, default=128, help="window length (default 128)")
+    fl.add_argument("--seed", type=int, default=0)
+    fl.add_argument("--tokenizer", help="tokenizer directory (default: the model's)")
+    fl.add_argument("--cpu", action="store_true", help="stay on the CPU even if a GPU is present")
+    fl.add_argument("--json", help="also write the results to this JSON file")
+    fl.set_defaults(func=_cmd_flatness)
 
     fc = sub.add_parser("forecast", help="predict losses before paying for runs: scaling laws, early curves, "
                                          "downstream error from loss").add_subparsers(dest="fc_command", required=True)

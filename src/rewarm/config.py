@@ -139,6 +139,21 @@ class SamplesConfig:
 
 
 @dataclass
+class FlatnessConfig:
+    every: int = _f(0, "estimate tr(H) of the held-out loss (Hutchinson) at step 0, every N steps and the end (0 = off)")
+    samples: int = _f(8, "Rademacher probes per estimate (the standard error falls as 1/sqrt(samples))")
+    tokens: int = _f(1024, "held-out tokens the loss is taken over (windows of train.seq_len from the first eval set)")
+
+
+@dataclass
+class CollapseConfig:
+    sentences: str = _f("", "the collapse alarm: builtin (100 neutral English sentences) or a file, one per line "
+                            "(empty = off); their mean perplexity (ME-PPL) is checked at every eval")
+    factor: float = _f(3.0, "alarm when ME-PPL exceeds this multiple of its step-0 value")
+    action: str = _f("warn", "warn | stop | rollback (the divergence rollback: last checkpoint, LR x rollback_lr_factor)")
+
+
+@dataclass
 class LoggingConfig:
     tensorboard: bool = _f(False, "also write TensorBoard event files to RUN/tensorboard (metrics.jsonl stays the record)")
     wandb: bool = _f(False, "also log to Weights & Biases in offline mode (RUN/wandb; `wandb sync` uploads it)")
@@ -153,6 +168,8 @@ class EvalConfig:
     batch: int = _f(8, "sequences per eval forward")
     downstream: DownstreamConfig = _f(DownstreamConfig(), "downstream tasks (lm-evaluation-harness) during training")
     samples: SamplesConfig = _f(SamplesConfig(), "text samples: the model's continuation of fixed prompts")
+    flatness: FlatnessConfig = _f(FlatnessConfig(), "flatness: the Hessian trace of the held-out loss (Liu et al. 2022)")
+    collapse: CollapseConfig = _f(CollapseConfig(), "a collapse alarm on the perplexity of ordinary sentences (Yang et al. 2024)")
 
 
 @dataclass
@@ -198,6 +215,7 @@ CHOICES = {
     "schedule.decay_shape": ("linear", "1-sqrt", "cosine"),
     "schedule.cooldown_shape": ("cosine", "inv_sqrt"),
     "model.mixer_backend": ("auto", "torch", "fla"),
+    "eval.collapse.action": ("warn", "stop", "rollback"),
 }
 @dataclass(frozen=True)
 class Range:
@@ -241,6 +259,8 @@ RANGES: dict[str, Range] = {
     "train.max_bad_steps": AT_LEAST_0, "train.rollback_lr_factor": Range(0, 1, lo_open=True),
     "eval.interval": AT_LEAST_1, "eval.interval_warmup": AT_LEAST_0, "eval.dense_until": AT_LEAST_0,
     "eval.tokens": AT_LEAST_1, "eval.batch": AT_LEAST_1,
+    "eval.flatness.every": AT_LEAST_0, "eval.flatness.samples": Range(2, 1e6), "eval.flatness.tokens": AT_LEAST_1,
+    "eval.collapse.factor": Range(1, lo_open=True),
     "eval.downstream.every": AT_LEAST_0, "eval.downstream.limit": AT_LEAST_0,
     "eval.downstream.num_fewshot": AT_LEAST_0, "eval.downstream.batch": AT_LEAST_1,
     "eval.samples.max_new_tokens": Range(1, 1 << 16), "eval.samples.temperature": Range(0, 100),
@@ -551,9 +571,10 @@ def validate(cfg: RunConfig) -> None:
     if s.cooldown_fraction > s.constant_fraction:
         raise UserError(f"`schedule.cooldown_fraction` ({s.cooldown_fraction}) must not exceed `schedule.constant_fraction` "
                         f"({s.constant_fraction}): the infinite schedule cools down first, then holds, then anneals.")
-    from rewarm import optimizers
+    from rewarm import eval_hooks, optimizers
 
     optimizers.check(cfg)
+    eval_hooks.check(cfg)
     ds = cfg.eval.downstream
     if any(not isinstance(t, str) or not t for t in ds.tasks):
         raise UserError(f"`eval.downstream.tasks` must be a list of task names, e.g. [hellaswag, arc_easy]; got {ds.tasks}.")

@@ -21,14 +21,13 @@ from rewarm.errors import UserError, did_you_mean
 class OptimizerEntry:
     build: Callable[..., Any]
     check: Callable[[Any], None] | None = None
-    options: str = ""  # one line for the config reference: the `optimizer.options` it reads
 
 
 _REGISTRY: dict[str, OptimizerEntry] = {}
 
 
-def register(name: str, build: Callable[..., Any], check: Callable[[Any], None] | None = None, options: str = "") -> None:
-    _REGISTRY[name] = OptimizerEntry(build, check, options)
+def register(name: str, build: Callable[..., Any], check: Callable[[Any], None] | None = None) -> None:
+    _REGISTRY[name] = OptimizerEntry(build, check)
 
 
 def names() -> list[str]:

@@ -62,6 +62,7 @@ class RunState:
     state: TrainerState = field(default_factory=TrainerState)
     last_rollback_to: int | None = None  # each rollback must go further back than this
     peak_rss_train_mb: float | None = None  # the memory high-water mark of the steps alone (Linux)
+    hook_state: dict = field(default_factory=dict)  # what eval hooks keep between evals (rewarm.eval_hooks)
 
     @property
     def tokens_per_step(self) -> int:

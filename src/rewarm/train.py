@@ -20,7 +20,7 @@ from typing import Any
 import torch
 from tqdm import tqdm
 
-from rewarm import atomic, checkpoint, distributed, memory
+from rewarm import atomic, checkpoint, distributed, eval_hooks, memory
 from rewarm.config import RunConfig, last_step, warmup_steps
 from rewarm.errors import DiskFull, Diverged, Preempted
 from rewarm.evaluate import evaluate
@@ -117,7 +117,18 @@ def _loop(cfg: RunConfig, run: RunDir, st: RunState, metrics: MetricsWriter, sto
         bar.update(1)
         eval_every = cfg.eval.interval_warmup if (cfg.eval.interval_warmup and step <= dense_end) else cfg.eval.interval
         if st.eval_sets and (_due(step, eval_every) or end):
-            _run_eval(st, metrics)
+            alarms = _run_eval(st, metrics)
+            if alarms:
+                name, action = alarms[0]
+                why = f"the {name} alarm (eval.{name}) at step {step}"
+                if action == "stop":
+                    bar.close()
+                    metrics.write({"event": "diverged", "step": step, "reason": why})
+                    raise Diverged(f"stopped by {why}: see the `{name}` event in metrics.jsonl. The weights of this "
+                                   f"step were not saved; --resume restarts from the last checkpoint.")
+                _on_divergence(cfg, run, st, metrics, 0, why=why)
+                bar.n = ts.step
+                continue
         if cfg.eval.downstream.tasks and (_due(step, cfg.eval.downstream.every) or end):
             _run_downstream(st, metrics)
         # never during a run of non-finite steps: rollback must find good weights
@@ -247,7 +258,8 @@ class _Throughput:
         return tok_s
 
 
-def _run_eval(st: RunState, metrics: MetricsWriter) -> None:
+def _run_eval(st: RunState, metrics: MetricsWriter) -> list[tuple[str, str]]:
+    """Held-out losses, text samples, then the eval hooks; returns the hooks' alarms (name, action)."""
     # DDP: each rank scores its share of windows on the plain module; FSDP: all ranks score all
     d = st.dist
     sharded = d.active and d.strategy == "ddp"
@@ -261,6 +273,7 @@ def _run_eval(st: RunState, metrics: MetricsWriter) -> None:
         tqdm.write(f"eval @ step {step:>6} | {line}")
     if st.cfg.eval.samples.prompts:
         _write_samples(st, metrics)
+    return eval_hooks.run_all(st, metrics)
 
 
 def _write_samples(st: RunState, metrics: MetricsWriter) -> None:
@@ -305,12 +318,19 @@ def _save_checkpoint(run: RunDir, st: RunState) -> None:
     st.dist.barrier()
 
 
-def _on_divergence(cfg: RunConfig, run: RunDir, st: RunState, metrics: MetricsWriter, bad: int) -> None:
-    """Stop with a clear message, or roll back to an older checkpoint with a lower LR."""
+def _on_divergence(cfg: RunConfig, run: RunDir, st: RunState, metrics: MetricsWriter, bad: int,
+                   why: str | None = None) -> None:
+    """Stop with a clear message, or roll back to an older checkpoint with a lower LR. `why`: an eval
+    hook's alarm (which asked for the rollback) instead of a streak of non-finite steps."""
     step = st.state.step
     # each rollback goes strictly further back than the previous one
     before = min(step, st.last_rollback_to) if st.last_rollback_to is not None else step
-    found = checkpoint.load_latest(run.checkpoints, before=before) if cfg.train.on_divergence == "rollback" else None
+    rollback = why is not None or cfg.train.on_divergence == "rollback"
+    found = checkpoint.load_latest(run.checkpoints, before=before) if rollback else None
+    if found is None and why is not None:
+        metrics.write({"event": "diverged", "step": step, "reason": why})
+        raise Diverged(f"{why} asked for a rollback, but there is no checkpoint before step {step} to roll back to. "
+                       f"Set checkpoint.interval so that one exists, or eval.collapse.action: stop.")
     if found is None:
         metrics.write({"event": "diverged", "step": step, "bad_in_row": bad})
         how = ("no checkpoint to roll back to" if cfg.train.on_divergence == "rollback"
@@ -326,8 +346,10 @@ def _on_divergence(cfg: RunConfig, run: RunDir, st: RunState, metrics: MetricsWr
     if st.dist.is_main:
         run.truncate_metrics_after(saved.step)
         metrics.reopen()
-    metrics.write({"event": "rollback", "step": saved.step, "from_step": step, "lr_scale": st.state.lr_scale})
-    log.warning("diverged at step %d: rolled back to %s, LR scaled by %g", step, path, st.state.lr_scale)
+    # the alarm's own event lay after the saved step and was truncated with the rest: keep why here
+    metrics.write({"event": "rollback", "step": saved.step, "from_step": step, "lr_scale": st.state.lr_scale,
+                   "reason": why or f"{bad} non-finite steps in a row"})
+    log.warning("%s at step %d: rolled back to %s, LR scaled by %g", why or "diverged", step, path, st.state.lr_scale)
 
 
 def _finish(run: RunDir, st: RunState, metrics: MetricsWriter) -> None:

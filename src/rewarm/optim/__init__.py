@@ -5,5 +5,4 @@ def register() -> None:
     from rewarm import optimizers
     from rewarm.optim import onebit_adam
 
-    optimizers.register("onebit_adam", onebit_adam.build, onebit_adam.check,
-                        options="; ".join(f"{k}: {v}" for k, v in onebit_adam.OPTIONS.items()))
+    optimizers.register("onebit_adam", onebit_adam.build, onebit_adam.check)

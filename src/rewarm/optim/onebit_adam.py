@@ -82,7 +82,8 @@ class OneBitAdam(torch.optim.Optimizer):
         self.group = group
         self.world = dist.get_world_size(group) if dist.is_initialized() else 1
         self.rank = dist.get_rank(group) if dist.is_initialized() else 0
-        self._sent = 0  # bytes this rank sent during the current step (hook + compression)
+        self._sent = 0  # bytes this rank sent during the current step (DDP hook in backward, then step)
+        self._last = {}  # what step_metrics reports: the last step's bytes and phase
 
     @property
     def compressing(self) -> bool:
@@ -91,11 +92,7 @@ class OneBitAdam(torch.optim.Optimizer):
 
     def step_metrics(self) -> dict:
         """What the loop logs in the train event: the phase and the bytes this rank sent in the step."""
-        out = {"comm_bytes": self._sent, "onebit_phase": "compression" if self._compressed_last else "warmup"}
-        self._sent = 0
-        return out
-
-    _compressed_last = False
+        return dict(self._last)
 
     def count_sent(self, nbytes: int) -> None:
         self._sent += nbytes
@@ -133,7 +130,9 @@ class OneBitAdam(torch.optim.Optimizer):
                     bias2 = 1 - beta2 ** t
                 denom = (exp_avg_sq.sqrt() / math.sqrt(bias2)).add_(eps)
                 p.addcdiv_(exp_avg, denom, value=-lr / (1 - beta1 ** t))
-        self._compressed_last = compressing
+        if self.world > 1:
+            self._last = {"comm_bytes": self._sent, "onebit_phase": "compression" if compressing else "warmup"}
+        self._sent = 0
         return None
 
     # -- checkpoints: every rank's error buffers, gathered -------------------------------------
