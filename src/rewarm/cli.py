@@ -379,6 +379,19 @@ def _cmd_flatness(args: argparse.Namespace) -> int:
     return 0
 
 
+def _cmd_replay_generate(args: argparse.Namespace) -> int:
+    from rewarm.replay.generate import generate_replay
+
+    meta = generate_replay(args.model, args.output, args.tokens, temperature=args.temperature, prompts_file=args.prompts,
+                           unconditional=args.unconditional, length=args.length, batch=args.batch, seed=args.seed,
+                           tokenizer=args.tokenizer, overwrite=args.overwrite, progress=not args.quiet, cpu=args.cpu)
+    g = meta["generated"]
+    print(f"{args.output}: {g['tokens_generated']:,} tokens in {g['samples']:,} samples at {g['tokens_per_s']:,.0f} "
+          f"tokens/s ({meta['train']['tokens']:,} train tokens after re-tokenizing); mix it in with "
+          f"data.train: [..., {{name: self_replay, path: {args.output}, weight: 0.05}}]")
+    return 0
+
+
 def _cmd_forecast_fit(args: argparse.Namespace) -> int:
     from rewarm.analysis.forecast import fit_laws
 
@@ -632,6 +645,26 @@ def build_parser() -> argparse.ArgumentParser:
     fl.add_argument("--cpu", action="store_true", help="stay on the CPU even if a GPU is present")
     fl.add_argument("--json", help="also write the results to this JSON file")
     fl.set_defaults(func=_cmd_flatness)
+
+    rg = sub.add_parser("replay", help="replay without the old data: the initial model's own samples as a replay "
+                                       "source").add_subparsers(dest="replay_command", required=True)
+    rgg = rg.add_parser("generate", help="sample from a model and write the text as a prepared shard directory")
+    rgg.add_argument("model", help="the frozen initial model: an HF directory, final/, a checkpoint or an installed name")
+    rgg.add_argument("-o", "--output", required=True, help="the shard directory to write")
+    rgg.add_argument("--tokens", type=int, required=True, help="tokens to generate (about; the last batch completes)")
+    rgg.add_argument("--temperature", type=float, default=1.0, help="sampling temperature (default 1.0: the model's own "
+                                                                       "distribution)")
+    src = rgg.add_mutually_exclusive_group()
+    src.add_argument("--prompts", help="a text file, one prompt per line (cycled)")
+    src.add_argument("--unconditional", action="store_true", help="sample from the start-of-text token")
+    rgg.add_argument("--length", type=int, default=256, help="new tokens per sample at most (default 256)")
+    rgg.add_argument("--batch", type=int, default=16, help="samples generated together (default 16)")
+    rgg.add_argument("--seed", type=int, default=0)
+    rgg.add_argument("--tokenizer", help="tokenizer directory (default: the model's)")
+    rgg.add_argument("--overwrite", action="store_true", help="replace an existing output directory")
+    rgg.add_argument("--cpu", action="store_true", help="stay on the CPU even if a GPU is present")
+    rgg.add_argument("-q", "--quiet", action="store_true", help="no progress bar")
+    rgg.set_defaults(func=_cmd_replay_generate)
 
     fc = sub.add_parser("forecast", help="predict losses before paying for runs: scaling laws, early curves, "
                                          "downstream error from loss").add_subparsers(dest="fc_command", required=True)

@@ -1,0 +1,64 @@
+"""`rewarm replay generate`: the initial model's own samples become an ordinary shard directory that a
+run mixes in as replay; the same seed gives the same text; bad inputs exit 2."""
+from __future__ import annotations
+
+import json
+
+import pytest
+from transformers import AutoTokenizer, GPTNeoXConfig, GPTNeoXModel
+
+from conftest import assert_user_error, metrics, run_cli, small_run_config
+from rewarm.config import config_from_dict
+from rewarm.train import train
+
+
+@pytest.fixture(scope="module")
+def initial(tmp_path_factory, shards):
+    root = tmp_path_factory.mktemp("initial")
+    return train(config_from_dict(small_run_config(root / "run", shards, **{"train.max_steps": 4})), progress=False).final
+
+
+def test_generated_replay_is_a_shard_directory_a_run_mixes_in(initial, tmp_path, shards):
+    out = tmp_path / "self"
+    proc = run_cli("replay", "generate", str(initial), "-o", str(out), "--tokens", "600", "--unconditional",
+                   "--length", "24", "--batch", "8", "-q")
+    assert proc.returncode == 0, proc.stderr
+    meta = json.loads((out / "meta.json").read_text())
+    g = meta["generated"]
+    assert g["tokens_generated"] >= 600 and g["prompts"] == "unconditional" and g["temperature"] == 1.0
+    assert meta["train"]["tokens"] > 0 and g["tokens_per_s"] > 0 and "tokens/s" in proc.stdout
+    texts = [json.loads(x)["text"] for x in (out / "samples.jsonl").read_text().splitlines()]
+    assert 0 < len(texts) <= g["samples"]  # samples of whitespace only are dropped
+    # the same seed: the same text
+    again = tmp_path / "again"
+    assert run_cli("replay", "generate", str(initial), "-o", str(again), "--tokens", "600", "--unconditional",
+                   "--length", "24", "--batch", "8", "-q").returncode == 0
+    assert (again / "samples.jsonl").read_text() == (out / "samples.jsonl").read_text()
+    # prompts are continued
+    prompts = tmp_path / "prompts.txt"
+    prompts.write_text("def main(\nclass Foo:\n")
+    assert run_cli("replay", "generate", str(initial), "-o", str(tmp_path / "p"), "--tokens", "100", "--prompts",
+                   str(prompts), "--length", "16", "-q").returncode == 0
+    # a run mixes it in like any replay source
+    cfg = small_run_config(tmp_path / "run", shards, **{"init": "weights", "model": {"path": str(initial)},
+                                                        "train.max_steps": 3})
+    cfg["data"]["train"].append({"name": "self_replay", "path": str(out), "weight": 0.25})
+    run = train(config_from_dict(cfg), progress=False)
+    assert metrics(run.path, "train")[-1]["source_tokens"]["self_replay"] > 0
+
+
+def test_bad_replay_inputs_exit_2(initial, tmp_path):
+    base = ["replay", "generate", str(initial), "-o", str(tmp_path / "o")]
+    assert_user_error(run_cli(*base, "--tokens", "0", "--unconditional"), "--tokens must be a positive")
+    assert_user_error(run_cli(*base, "--tokens", "10"), "--unconditional", "--prompts")
+    empty = tmp_path / "empty.txt"
+    empty.write_text("\n\n")
+    assert_user_error(run_cli(*base, "--tokens", "10", "--prompts", str(empty)), "holds no prompts")
+    assert_user_error(run_cli(*base, "--tokens", "10", "--unconditional", "--temperature", "0"), "--temperature")
+    headless = tmp_path / "headless"
+    GPTNeoXModel(GPTNeoXConfig(vocab_size=64, hidden_size=8, num_hidden_layers=1, num_attention_heads=1,
+                               intermediate_size=16)).save_pretrained(headless)
+    AutoTokenizer.from_pretrained(initial).save_pretrained(headless)
+    assert_user_error(run_cli("replay", "generate", str(headless), "-o", str(tmp_path / "h"), "--tokens", "10",
+                              "--unconditional"), "no language-modelling head")
+    assert not (tmp_path / "o").exists() and not (tmp_path / "h").exists()
