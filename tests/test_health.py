@@ -75,6 +75,9 @@ def test_flatness_is_logged_without_changing_the_run_and_the_cli_reproduces_it(t
     assert proc.returncode == 0, proc.stderr
     got = json.loads(out.read_text())[name]
     assert got["trace"] == pytest.approx(flat[-1]["trace"], rel=1e-4) and "tr(H) =" in proc.stdout
+    assert run_cli("report", str(run.path), "-o", str(tmp_path / "rep")).returncode == 0
+    assert "## Flatness (Hessian trace) vs tokens" in (tmp_path / "rep" / "report.md").read_text()
+    assert (tmp_path / "rep" / "flatness.png").exists()
     assert_user_error(run_cli("flatness", str(run.final), "--data", f"{name}={path}", "--tokens", "100000000"),
                       "fewer than")
     assert_user_error(run_cli("flatness", str(run.final), "--data", f"{name}={path}", "--samples", "1"), "at least 2")
@@ -126,6 +129,9 @@ def test_wrecked_weights_trip_the_alarm_and_the_action_happens(tmp_path, shards,
         alarm = [e for e in events if e["event"] == "collapse"]
         assert len(alarm) >= 1 and alarm[0]["step"] == 4 and alarm[0]["ratio"] > 3 and alarm[0]["action"] == action
         assert events[-1]["event"] == ("end" if action == "warn" else "diverged")
+    assert run_cli("report", str(tmp_path / "r"), "-o", str(tmp_path / "rep")).returncode == 0
+    table = (tmp_path / "rep" / "report.md").read_text().split("## Collapse alarm")[1].split("\n## ")[0]
+    assert ("rolled back 4 → 2" if action == "rollback" else f"step 4: {action}") in table
 
 
 def test_bad_collapse_settings_exit_2(tmp_path, shards):

@@ -45,6 +45,9 @@ def test_generated_replay_is_a_shard_directory_a_run_mixes_in(initial, tmp_path,
     cfg["data"]["train"].append({"name": "self_replay", "path": str(out), "weight": 0.25})
     run = train(config_from_dict(cfg), progress=False)
     assert metrics(run.path, "train")[-1]["source_tokens"]["self_replay"] > 0
+    assert run_cli("report", str(run.path), "-o", str(tmp_path / "rep")).returncode == 0
+    table = (tmp_path / "rep" / "report.md").read_text().split("## Replay: real vs self-generated")[1]
+    assert "self_replay 20% (self-generated)" in table and "downstream 80%" in table
 
 
 def test_bad_replay_inputs_exit_2(initial, tmp_path):

@@ -99,6 +99,68 @@ def plot_downstream(runs: list[RunData], out: Path) -> Path | None:
     return path
 
 
+def plot_flatness(runs: list[RunData], out: Path) -> Path | None:
+    """tr(H) of the held-out loss against tokens, ± one standard error (eval.flatness)."""
+    with_flat = [r for r in runs if r.flatness]
+    if not with_flat:
+        return None
+    plt = _pyplot()
+    colors = _colors(runs)
+    fig, ax = plt.subplots(figsize=(9, 4))
+    for r in with_flat:
+        ax.errorbar([e["tokens"] / 1e6 for e in r.flatness], [e["trace"] for e in r.flatness],
+                    yerr=[e["stderr"] for e in r.flatness], label=r.name, color=colors[r.name], marker=".", capsize=2)
+    ax.set_xlabel("tokens seen in this run (millions)")
+    ax.set_ylabel("tr(H) of the held-out loss")
+    ax.set_title("flatness (Hutchinson, ± standard error): lower is flatter")
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=7, loc="upper left", bbox_to_anchor=(1.01, 1.0), frameon=False)
+    path = save_figure(fig, out)
+    plt.close(fig)
+    return path
+
+
+def health_table(runs: list[RunData]) -> tuple[list[str], list[list[str]]]:
+    """Per run with eval.collapse: ME-PPL at step 0 and at the end, the largest ratio, and the alarms."""
+    rows = []
+    for r in runs:
+        if not r.me_ppl:
+            continue
+        first, last = r.me_ppl[0], r.me_ppl[-1]
+        alarms = "; ".join(f"step {a['step']}: {a.get('action') or 'rollback'} (×{a['ratio']:.1f})" if a["event"] == "collapse"
+                           else f"rolled back {a['from_step']} → {a['step']}" for a in r.alarms) or "none"
+        rows.append([r.name, f"{first['baseline']:.1f}", f"{last['me_ppl']:.1f}",
+                     f"{max(e['ratio'] for e in r.me_ppl):.2f}×", alarms])
+    return ["run", "ME-PPL step 0", "ME-PPL last eval", "largest ratio", "alarms"], rows
+
+
+def replay_table(runs: list[RunData], up: str = "upstream", down: str = "downstream") -> tuple[list[str], list[list[str]]]:
+    """Runs that mix a self-generated source (`rewarm replay generate`) beside the others: what each
+    replays and the price it paid, so real replay and self-replay read side by side."""
+    import json
+
+    def kind(src: dict) -> str | None:
+        try:
+            meta = json.loads((Path(src["path"]) / "meta.json").read_text())
+        except (OSError, ValueError, KeyError, TypeError):
+            return None
+        return "self-generated" if "generated" in meta else None
+
+    sources = {r.name: r.config.get("data", {}).get("train", []) for r in runs}
+    if not any(kind(s) for srcs in sources.values() for s in srcs):
+        return [], []
+    rows = []
+    for r in runs:
+        if r.config.get("init") == "scratch":
+            continue
+        srcs = sources[r.name]
+        total = sum(s.get("weight", 1.0) for s in srcs) or 1.0
+        mix = ", ".join(f"{s['name']} {100 * s.get('weight', 1.0) / total:.0f}%" + (" (self-generated)" if kind(s) else "")
+                        for s in srcs)
+        rows.append([r.name, mix, _fmt(r.forgetting(up), True), _fmt(r.adaptation(down), True)])
+    return ["run", "training mixture", "forgetting", "adaptation"], rows
+
+
 def plot_lrs(runs: list[RunData], out: Path) -> Path:
     plt = _pyplot()
     colors = _colors(runs)
@@ -289,6 +351,7 @@ def report(paths: list[str], out_dir: str | Path, fmt: str = "md", title: str = 
         "Forgetting vs adaptation": plot_tradeoff(runs, out / "tradeoff.png", *names),
         "Downstream tasks vs tokens": plot_downstream(runs, out / "downstream.png"),
         "Learning rates": plot_lrs(runs, out / "lr.png"),
+        "Flatness (Hessian trace) vs tokens": plot_flatness(runs, out / "flatness.png"),
     }
     images = {k: v for k, v in images.items() if v is not None}
     header, rows = run_table(runs, mean_last_train, *names)
@@ -297,7 +360,9 @@ def report(paths: list[str], out_dir: str | Path, fmt: str = "md", title: str = 
               (f"Early-curve forecast of the final loss from the first {100 * forecast.at:.0f}% of each run's tokens "
                "(L = E + A·(D + D₀)^−α fitted to the evals after warmup)" if forecast else "", *forecast_table(runs, bands)),
               ("Downstream tasks: accuracy at step 0 and at the end (± standard error)", *task_change_table(runs)),
-              ("Text samples: greedy continuations at step 0 and at the end", *samples_table(runs))]
+              ("Text samples: greedy continuations at step 0 and at the end", *samples_table(runs)),
+              ("Collapse alarm: ME-PPL of the alarm's sentences (eval.collapse)", *health_table(runs)),
+              ("Replay: real vs self-generated (rewarm replay generate)", *replay_table(runs, *names))]
     tables = [t for t in tables if t[2]]
     found = F.compute(by_name, roles) if roles else []
     up, down = names

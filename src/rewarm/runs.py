@@ -28,6 +28,9 @@ class RunData:
     finished: bool = False
     start_info: dict = field(default_factory=dict)  # the first start event (model_from, params, ...)
     samples: list[tuple[int, list[dict]]] = field(default_factory=list)  # (step, [{prompt, text}])
+    flatness: list[dict] = field(default_factory=list)  # `flatness` events (eval.flatness)
+    me_ppl: list[dict] = field(default_factory=list)  # `me_ppl` events (eval.collapse)
+    alarms: list[dict] = field(default_factory=list)  # `collapse` events, and rollbacks an alarm asked for
 
     @classmethod
     def load(cls, path: str | Path, name: str | None = None) -> "RunData":
@@ -48,6 +51,12 @@ class RunData:
                 run.lrs.append((e["step"] - 1, e["lr"]))
                 if isinstance(e.get("loss"), (int, float)):
                     run.train_losses.append((e["step"], e["loss"]))
+            elif e.get("event") == "flatness":
+                run.flatness.append(e)
+            elif e.get("event") == "me_ppl":
+                run.me_ppl.append(e)
+            elif e.get("event") == "collapse" or (e.get("event") == "rollback" and "alarm" in str(e.get("reason", ""))):
+                run.alarms.append(e)
             elif e.get("event") == "downstream":
                 by_step.setdefault(e["step"], (e["tokens"], {}))[1].update(e["tasks"])  # later results win
         run.downstream = [(step, tok, tasks) for step, (tok, tasks) in sorted(by_step.items())]
