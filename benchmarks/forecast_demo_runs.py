@@ -1,12 +1,12 @@
 """Early-curve forecasts of the demo's continual runs, measured against how they really ended.
 
-    python benchmarks/forecast_demo_runs.py DEMO_OUT [--out DIR] [--every 4] [--jobs 2] [--at 0.2,0.3,0.5]
+    python benchmarks/forecast_demo_runs.py DEMO_OUT [--out DIR] [--every 2] [--jobs 2] [--at 0.2,0.3,0.5]
 
 DEMO_OUT is a finished `rewarm demo` (or `make demo`) directory. Its continual runs evaluate at
 step 0, 2, 4, 6, 8 and then every 20 of 80 steps: too few evals before 20-50% of the run for a
 4-parameter curve. So each finished continual run (init: weights) is trained again from the same
 config — same weights, data, seed and schedule, so the same training — with an eval every `--every`
-steps, into DIR/runs (~10 minutes on 2 cores); the evals the demo also made are checked to be
+steps, into DIR/runs (~10 minutes of training on 2 cores, then ~20 of fits); the demo's own evals are checked to be
 equal. Then, for both eval sets — upstream (forgetting: the loss rises) and downstream
 (adaptation: it falls) — the final loss is forecast from the evals after warmup up to each fraction
 of the run's tokens (`rewarm forecast run`), and compared with the last eval. Prints one row per
@@ -55,7 +55,7 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("demo_out", type=Path, help="a finished demo directory (holds runs/)")
     ap.add_argument("--out", type=Path, default=Path("forecast_demo_out"), help="where the re-runs go")
-    ap.add_argument("--every", type=int, default=4, help="eval interval of the re-runs (steps)")
+    ap.add_argument("--every", type=int, default=2, help="eval interval of the re-runs (steps)")
     ap.add_argument("--jobs", type=int, default=2, help="re-runs at a time (each pins one thread)")
     ap.add_argument("--at", default="0.2,0.3,0.5", help="fractions of each run's tokens to forecast from")
     ap.add_argument("--bootstrap", type=int, default=100)
