@@ -176,6 +176,7 @@ def test_forecast_a_run_from_its_first_part(pilots, tmp_path):
     assert "measured" in proc.stdout and (tmp_path / "f.png").read_bytes()[:4] == b"\x89PNG"
     assert_user_error(run_cli("forecast", "run", str(run), "--at", "0.2"), "at least 5 evals")
     assert_user_error(run_cli("forecast", "run", str(run), "--json", str(tmp_path)), "is a directory")
+    assert_user_error(run_cli("forecast", "run", str(run), "--at", "0.7", "--plot", str(tmp_path / "f.txt")), ".png")
     assert not list(tmp_path.glob(".*.tmp-*"))
     assert run_cli("forecast", "run", str(run), "--at", "0.7", "--json", str(tmp_path / "new" / "f.json")).returncode == 0
     assert_user_error(run_cli("forecast", "run", str(run), "--at", "1.5"), "in (0, 1)")

@@ -81,6 +81,10 @@ def test_flatness_is_logged_without_changing_the_run_and_the_cli_reproduces_it(t
     assert_user_error(run_cli("flatness", str(run.final), "--data", f"{name}={path}", "--tokens", "100000000"),
                       "fewer than")
     assert_user_error(run_cli("flatness", str(run.final), "--data", f"{name}={path}", "--samples", "1"), "at least 2")
+    assert_user_error(run_cli("flatness", str(run.final), "--data", f"{name}={path}", "--json", str(tmp_path)),
+                      "is a directory")
+    assert_user_error(run_cli("flatness", str(run.final), "--data", f"{name}={path}", "--data", f"{name}={path}"),
+                      "unique")
     assert_user_error(run_cli("flatness", str(run.final), "--data", "nopath"), "NAME=PATH")
 
 
@@ -137,7 +141,10 @@ def test_wrecked_weights_trip_the_alarm_and_the_action_happens(tmp_path, shards,
 def test_bad_collapse_settings_exit_2(tmp_path, shards):
     empty = tmp_path / "empty.txt"
     empty.write_text("\n  \n")
+    binary = tmp_path / "bin.dat"
+    binary.write_bytes(bytes(range(256)) * 4)
     for extra, needle in (({"eval.collapse.sentences": str(empty)}, "no sentences"),
+                          ({"eval.collapse.sentences": str(binary)}, "not UTF-8 text"),
                           ({"eval.collapse.sentences": str(tmp_path / "none.txt")}, "not a file"),
                           ({"eval.collapse.sentences": "builtin", "eval.collapse.action": "explode"}, "warn, stop, rollback"),
                           ({"eval.collapse.sentences": "builtin", "eval.collapse.factor": 0.5}, "eval.collapse.factor"),

@@ -197,6 +197,11 @@ def test_bad_inputs_are_refused_with_a_reason(two_runs, tmp_path, shards):
 
     onebit = {"optimizer.name": "onebit_adam"}
     assert_user_error(run_cli("train", str(cfg(**onebit, **{"distributed.strategy": "fsdp"}))), "data-parallel", "ddp")
+    # under --nproc the config is checked once, before torchrun starts: one message, exit 2, no traceback
+    proc = torchrun(cfg(**onebit, **{"optimizer.options": {"freeze_step": -1}}))
+    assert_user_error(proc, "freeze_step")
+    assert proc.stderr.count("error:") == 1 and "Traceback" not in proc.stderr
+    assert_user_error(run_cli("train", str(cfg()), "--nproc", "-1"), "--nproc")
     assert_user_error(run_cli("train", str(cfg(**onebit, **{"optimizer.options": {"freeze_step": 20}}))),
                       "never compress")
     assert_user_error(run_cli("train", str(cfg(**onebit, **{"optimizer.options": {"freeze_after": 0.1}}))),

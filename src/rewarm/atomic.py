@@ -15,7 +15,7 @@ import shutil
 from pathlib import Path
 from typing import Any, Iterable
 
-from rewarm.errors import DiskFull, RewarmError
+from rewarm.errors import DiskFull, RewarmError, UserError
 
 # A full disk surfaces as OSError(ENOSPC) from Python, but as RuntimeError from torch.save's C++
 # writer and as SafetensorError from safetensors; these are the words they use.
@@ -163,3 +163,18 @@ def write_json(path: str | Path, obj: Any) -> Path:
 def write_jsonl(path: str | Path, rows: Iterable[dict]) -> Path:
     """One JSON object per line."""
     return write_text(path, "".join(json.dumps(row) + "\n" for row in rows))
+
+
+def check_output(path: str | Path, flag: str, suffixes: tuple[str, ...] = ()) -> Path:
+    """An output file named on the command line, checked before any work: not a directory, a known
+    suffix when the writer needs one (plots), and a parent that exists or can be made."""
+    p = Path(path)
+    if p.is_dir():
+        raise UserError(f"{flag} `{p}` is a directory; give a file name (e.g. {p / ('out' + (suffixes or ('.json',))[0])}).")
+    if suffixes and p.suffix.lower() not in suffixes:
+        raise UserError(f"{flag} `{p}`: the file type is taken from its extension; use one of {', '.join(suffixes)}.")
+    try:
+        p.parent.mkdir(parents=True, exist_ok=True)
+    except OSError as exc:
+        raise UserError(f"{flag} `{p}`: cannot create its directory ({exc.strerror or exc}). Choose a writable path.") from None
+    return p

@@ -49,7 +49,13 @@ def _cmd_train(args: argparse.Namespace) -> int:
     from rewarm.config import load_config
     from rewarm.train import train
 
+    if args.nproc < 0:
+        raise UserError(f"--nproc must be a number of processes (1 or more; 0 = this process only), got {args.nproc}.")
+    overrides = list(args.set or [])
+    if args.resume:
+        overrides.append("init=resume")
     if args.nproc and args.nproc > 1 and "LOCAL_RANK" not in os.environ:
+        load_config(args.config, overrides)  # bad input: one clear error here, not one per rank under torchrun
         # re-launch this very command under torchrun, one process per rank
         rest, skip = [], False
         for arg in sys.argv[1:]:
@@ -61,9 +67,6 @@ def _cmd_train(args: argparse.Namespace) -> int:
                 rest.append(arg)
         cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={args.nproc}", "-m", "rewarm", *rest]
         os.execv(sys.executable, cmd)
-    overrides = list(args.set or [])
-    if args.resume:
-        overrides.append("init=resume")
     cfg = load_config(args.config, overrides)
     run = train(cfg, overwrite=args.overwrite, allow_config_change=args.allow_config_change, progress=not args.quiet)
     if int(os.environ.get("RANK", "0")) != 0:
@@ -364,8 +367,14 @@ def _cmd_config_reference(args: argparse.Namespace) -> int:
 
 
 def _cmd_flatness(args: argparse.Namespace) -> int:
+    from rewarm import atomic
     from rewarm.analysis.flatness import flatness_of_checkpoint
 
+    if args.json:
+        atomic.check_output(args.json, "--json")
+    names = [n for n, _ in _parse_named(args.data, "--data")]
+    if len(set(names)) != len(names):
+        raise UserError(f"--data names must be unique, got {names}.")
     results = flatness_of_checkpoint(args.model, _parse_named(args.data, "--data"), samples=args.samples,
                                      tokens=args.tokens, seq_len=args.seq_len, seed=args.seed,
                                      tokenizer=args.tokenizer, cpu=args.cpu)
@@ -373,8 +382,6 @@ def _cmd_flatness(args: argparse.Namespace) -> int:
         print(f"{name}: tr(H) = {r['trace']:.4g} ± {r['stderr']:.2g} (standard error, {r['samples']} probes; "
               f"loss {r['loss']:.4f} over {r['tokens']:,} tokens, {r['params']:,} parameters)")
     if args.json:
-        from rewarm import atomic
-
         atomic.write_json(args.json, results)
     return 0
 

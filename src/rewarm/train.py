@@ -329,8 +329,9 @@ def _on_divergence(cfg: RunConfig, run: RunDir, st: RunState, metrics: MetricsWr
     found = checkpoint.load_latest(run.checkpoints, before=before) if rollback else None
     if found is None and why is not None:
         metrics.write({"event": "diverged", "step": step, "reason": why})
-        raise Diverged(f"{why} asked for a rollback, but there is no checkpoint before step {step} to roll back to. "
-                       f"Set checkpoint.interval so that one exists, or eval.collapse.action: stop.")
+        raise Diverged(f"{why} asked for a rollback, but there is no checkpoint before step {before} to roll back to "
+                       f"(each rollback goes further back than the last). Save checkpoints more often "
+                       f"(checkpoint.interval), raise eval.collapse.factor, or use eval.collapse.action: stop.")
     if found is None:
         metrics.write({"event": "diverged", "step": step, "bad_in_row": bad})
         how = ("no checkpoint to roll back to" if cfg.train.on_divergence == "rollback"
@@ -349,7 +350,7 @@ def _on_divergence(cfg: RunConfig, run: RunDir, st: RunState, metrics: MetricsWr
     # the alarm's own event lay after the saved step and was truncated with the rest: keep why here
     metrics.write({"event": "rollback", "step": saved.step, "from_step": step, "lr_scale": st.state.lr_scale,
                    "reason": why or f"{bad} non-finite steps in a row"})
-    log.warning("%s at step %d: rolled back to %s, LR scaled by %g", why or "diverged", step, path, st.state.lr_scale)
+    log.warning("%s: rolled back to %s, LR scaled by %g", why or f"diverged at step {step}", path, st.state.lr_scale)
 
 
 def _finish(run: RunDir, st: RunState, metrics: MetricsWriter) -> None:

@@ -31,7 +31,14 @@ def load_sentences(spec: str) -> list[str]:
         if not path.is_file():
             raise UserError(f"`eval.collapse.sentences`: {spec} is not a file. Give `builtin` or a text file with "
                             f"one sentence per line.")
-        text = path.read_text(encoding="utf-8", errors="replace")
+        raw = path.read_bytes()
+        try:
+            text = raw.decode("utf-8")
+        except UnicodeDecodeError:
+            text = None
+        if text is None or "\x00" in text:
+            raise UserError(f"`eval.collapse.sentences`: {spec} is not UTF-8 text (a binary file?). Give a text file "
+                            f"with one sentence per line, or `builtin`.")
     sentences = [line.strip() for line in text.splitlines() if line.strip()]
     if not sentences:
         raise UserError(f"`eval.collapse.sentences`: {spec} holds no sentences (one per line). Use `builtin` or "
@@ -39,13 +46,15 @@ def load_sentences(spec: str) -> list[str]:
     return sentences
 
 
-def encode(tokenizer, sentences: list[str]) -> list[torch.Tensor]:
-    """Token ids per sentence, each with at least 2 tokens (one prediction); shorter ones are dropped."""
+def encode(tokenizer, sentences: list[str], max_tokens: int | None = None) -> list[torch.Tensor]:
+    """Token ids per sentence, each with at least 2 tokens (one prediction); shorter ones are dropped,
+    longer ones than `max_tokens` (the model's positions) cut to fit."""
     out = []
     for s in sentences:
         ids = tokenizer(s, add_special_tokens=False)["input_ids"]
         if tokenizer.bos_token_id is not None:
             ids = [tokenizer.bos_token_id] + ids  # the first word is predicted from the start of text
+        ids = ids[:max_tokens] if max_tokens else ids
         if len(ids) >= 2:
             out.append(torch.tensor(ids, dtype=torch.long))
     if not out:

@@ -16,13 +16,12 @@ from rewarm.runs import RunData, find_runs
 FORMAT = 1
 
 
+PLOT_SUFFIXES = (".png", ".pdf", ".svg")
+
+
 def output_path(path: str | Path, what: str) -> Path:
-    """Checked before any work: an output that is a directory is refused; a missing parent is made."""
-    p = Path(path)
-    if p.is_dir():
-        raise UserError(f"{what} `{p}` is a directory; give a file name (e.g. {p / 'out.json'}).")
-    p.parent.mkdir(parents=True, exist_ok=True)
-    return p
+    """Checked before any work (atomic.check_output); --plot files need an image extension."""
+    return atomic.check_output(path, what, PLOT_SUFFIXES if what == "--plot" else ())
 
 
 def check_bootstrap(n: int) -> None:
@@ -191,6 +190,11 @@ def forecast_set(run: RunData, name: str, at: float, bootstrap: int = 100) -> tu
     """One eval set's final loss forecast from the evals after warmup up to `at` × the run's tokens,
     with the measured final loss and the relative error when the run has finished."""
     planned, cutoff, _ = _cut(run, at)
+    reached = run.evals[-1][1]
+    if not run.finished and cutoff > reached:
+        raise UserError(f"run {run.name} has trained {reached:,} of its {planned:,.0f} tokens "
+                        f"({100 * reached / planned:.0f}%), less than the {100 * at:.0f}% to forecast from: give "
+                        f"--at {reached / planned:.2f} or less, or wait for the run.")
     warm = run.warmup_steps()
     pts = [(tok, sets[name]) for step, tok, sets in run.evals if name in sets and step > warm and tok <= cutoff]
     f = curves.forecast([t for t, _ in pts], [v for _, v in pts], bootstrap=bootstrap)
@@ -229,16 +233,16 @@ def run_forecast(run_dir: str | Path, at: float, eval_sets: list[str] | None = N
     return out
 
 
-def check_at(at: float) -> None:
+def check_at(at: float, flag: str = "--at") -> None:
     if not 0 < at < 1:
-        raise UserError(f"--at is the fraction of the run's tokens to forecast from, in (0, 1); got {at}.")
+        raise UserError(f"{flag} is the fraction of the run's tokens to forecast from, in (0, 1); got {at}.")
 
 
-def report_bands(at: float, bootstrap: int = 50):
+def report_bands(at: float, bootstrap: int = 100):
     """What `rewarm report --forecast AT` draws: for (run, eval set), the forecast curve from the cut to
     the run's end with its 90% band, or the reason there is none. The report takes it as a callable,
     so the core never imports this package."""
-    check_at(at)
+    check_at(at, "--forecast")
 
     def band(run: RunData, name: str) -> dict:
         if not run.evals or not run.evals[-1][0]:

@@ -86,7 +86,8 @@ def _collapse_run(st, metrics) -> str | None:
     cc, step, d = st.cfg.eval.collapse, st.state.step, st.dist
     mine = st.hook_state.setdefault("collapse", {})
     if "encoded" not in mine:
-        mine["encoded"] = encode(st.tokenizer, load_sentences(cc.sentences))
+        max_pos = getattr(st.raw_model.config, "max_position_embeddings", None)
+        mine["encoded"] = encode(st.tokenizer, load_sentences(cc.sentences), max_pos)
     model = st.model if (d.active and d.strategy == "fsdp") else st.raw_model
     with autocast(st.device, st.precision):
         value = me_ppl(model, mine["encoded"], st.device)

@@ -169,7 +169,7 @@ class OneBitAdam(torch.optim.Optimizer):
             state[idx] = st
         if dropped:
             log.warning("onebit_adam: the checkpoint's error-feedback buffers were written by %s ranks; this run has "
-                        "%d, so they restart at zero (momentum and the frozen variance carry over).", saved_world, self.world)
+                        "%d, so they restart at zero (the momentum and the variance carry over).", saved_world, self.world)
         super().load_state_dict(dict(state_dict, state=state))
 
 

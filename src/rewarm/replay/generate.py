@@ -99,7 +99,10 @@ def generate_replay(model_dir: str, out_dir: str | Path, tokens: int, temperatur
             mask = torch.ones_like(ids)
         else:
             chunk = [prompts[(i * batch + j) % len(prompts)] for j in range(batch)]
-            enc = tok(chunk, return_tensors="pt", padding=True, add_special_tokens=True)
+            # a prompt longer than the positions left after `length` new tokens keeps its end
+            tok.truncation_side = "left"
+            enc = tok(chunk, return_tensors="pt", padding=True, add_special_tokens=True, truncation=max_pos is not None,
+                      max_length=(max_pos - length) if max_pos is not None else None)
             ids, mask = enc.input_ids, enc.attention_mask
         torch.manual_seed(seed * 1_000_003 + i)  # each batch its own seed: the same text on every rerun
         with torch.no_grad():
@@ -123,6 +126,7 @@ def generate_replay(model_dir: str, out_dir: str | Path, tokens: int, temperatur
         samples.write_text("".join(json.dumps({"text": t}) + "\n" for t in texts if t.strip()))
         meta = prepare([str(samples)], str(tokenizer or model_dir), out, val_tokens=0, seed=seed, overwrite=overwrite,
                        progress=False)
+        meta["sources"] = [str(out / "samples.jsonl")]  # the text as kept beside the shards
         meta["generated"] = {"model": str(model_dir), "temperature": temperature, "tokens_generated": made,
                              "samples": len(texts), "length": length, "batch": batch, "seed": seed,
                              "prompts": str(prompts_file) if prompts else "unconditional",
