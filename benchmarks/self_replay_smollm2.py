@@ -28,6 +28,9 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--out", type=Path, default=Path("self_replay_smollm2_out"))
     ap.add_argument("--replay-tokens", type=int, default=4096)
+    ap.add_argument("--runs", default="lr_mid,replay5pct,self_replay5pct",
+                    help="which of the three to train (~15 minutes each here); the study's own lr_mid and "
+                         "replay5pct are the same configs")
     args = ap.parse_args()
     model_dir = resolve("smollm2-135m", "model")
     size = dict(SIZES["full"])
@@ -49,6 +52,7 @@ def main() -> None:
     self_run.raw["out_dir"] = str(args.out / "runs" / "self_replay5pct")
     self_run.raw["data"]["train"][1] = {"name": "self_replay", "path": str(replay_dir), "weight": 0.05}
     chosen.append(self_run)
+    chosen = [r for r in chosen if r.name in args.runs.split(",")]
     for r in chosen:
         r.raw["eval"]["downstream"] = {"tasks": []}
         r.raw["eval"]["samples"] = {"prompts": []}

@@ -117,18 +117,8 @@ def _loop(cfg: RunConfig, run: RunDir, st: RunState, metrics: MetricsWriter, sto
         bar.update(1)
         eval_every = cfg.eval.interval_warmup if (cfg.eval.interval_warmup and step <= dense_end) else cfg.eval.interval
         if st.eval_sets and (_due(step, eval_every) or end):
-            alarms = _run_eval(st, metrics)
-            if alarms:
-                name, action = alarms[0]
-                why = f"the {name} alarm (eval.{name}) at step {step}"
-                if action == "stop":
-                    bar.close()
-                    metrics.write({"event": "diverged", "step": step, "reason": why})
-                    raise Diverged(f"stopped by {why}: see the `{name}` event in metrics.jsonl. The weights of this "
-                                   f"step were not saved; --resume restarts from the last checkpoint.")
-                _on_divergence(cfg, run, st, metrics, 0, why=why)
-                bar.n = ts.step
-                continue
+            if _act_on_alarms(cfg, run, st, metrics, _run_eval(st, metrics), bar):
+                continue  # rolled back: this step's weights are gone, so nothing below applies
         if cfg.eval.downstream.tasks and (_due(step, cfg.eval.downstream.every) or end):
             _run_downstream(st, metrics)
         # never during a run of non-finite steps: rollback must find good weights
@@ -316,6 +306,25 @@ def _save_checkpoint(run: RunDir, st: RunState) -> None:
         checkpoint.save(run.checkpoints, st.raw_model, st.tokenizer, st.snapshot(optim_sd), state_dict=model_sd)
         checkpoint.prune(run.checkpoints, st.cfg.checkpoint.keep_last, set(st.cfg.checkpoint.keep_steps))
     st.dist.barrier()
+
+
+def _act_on_alarms(cfg: RunConfig, run: RunDir, st: RunState, metrics: MetricsWriter,
+                   alarms: list[tuple[str, str]], bar: tqdm) -> bool:
+    """An eval hook's alarm (rewarm.eval_hooks): `stop` ends the run like a divergence (exit 3) without
+    saving this step; `rollback` is the divergence rollback. True when the run rolled back."""
+    if not alarms:
+        return False
+    name, action = alarms[0]
+    step = st.state.step
+    why = f"the {name} alarm (eval.{name}) at step {step}"
+    if action == "stop":
+        bar.close()
+        metrics.write({"event": "diverged", "step": step, "reason": why})
+        raise Diverged(f"stopped by {why}: see the `{name}` event in metrics.jsonl. The weights of this "
+                       f"step were not saved; --resume restarts from the last checkpoint.")
+    _on_divergence(cfg, run, st, metrics, 0, why=why)
+    bar.n = st.state.step
+    return True
 
 
 def _on_divergence(cfg: RunConfig, run: RunDir, st: RunState, metrics: MetricsWriter, bad: int,
