@@ -7,7 +7,7 @@ import json
 import pytest
 from transformers import AutoTokenizer, GPTNeoXConfig, GPTNeoXModel
 
-from conftest import assert_user_error, metrics, run_cli, small_run_config
+from conftest import assert_same_run, assert_user_error, interrupt_after, metrics, run_cli, small_run_config, write_config
 from rewarm.config import config_from_dict
 from rewarm.train import train
 
@@ -65,3 +65,41 @@ def test_bad_replay_inputs_exit_2(initial, tmp_path):
     assert_user_error(run_cli("replay", "generate", str(headless), "-o", str(tmp_path / "h"), "--tokens", "10",
                               "--unconditional"), "no language-modelling head")
     assert not (tmp_path / "o").exists() and not (tmp_path / "h").exists()
+
+
+def test_kl_to_the_initial_model_on_replay_rows(initial, tmp_path, shards):
+    """replay.kl_coef: zero KL before the first update (student = teacher), positive after, a different
+    run from the plain self-replay one, bit-exact resume; refused where it cannot apply."""
+    out = tmp_path / "self"
+    assert run_cli("replay", "generate", str(initial), "-o", str(out), "--tokens", "600", "--unconditional",
+                   "--length", "24", "--batch", "8", "-q").returncode == 0
+
+    def cfg(name, **extra):
+        raw = small_run_config(tmp_path / name, shards, **{"init": "weights", "model": {"path": str(initial)},
+                                                           "train.max_steps": 6, "checkpoint.interval": 3, **extra})
+        raw["data"]["train"].append({"name": "self_replay", "path": str(out), "weight": 0.5})
+        return raw
+
+    plain = train(config_from_dict(cfg("plain")), progress=False)
+    kl = train(config_from_dict(cfg("kl", **{"replay.kl_coef": 1.0})), progress=False)
+    steps = metrics(kl.path, "train")
+    assert abs(steps[0]["replay_kl"]) < 1e-6 and all(e["replay_kl"] > 0 for e in steps[2:] if e["replay_kl"] is not None)
+    assert [e["loss"] for e in steps][1:] != [e["loss"] for e in metrics(plain.path, "train")][1:]
+    # killed after step 3 and resumed: the same run (the teacher is loaded again from model.path)
+    again = train(config_from_dict(cfg("again", **{"replay.kl_coef": 1.0})), progress=False)
+    interrupt_after(again, "step_000006")
+    train(config_from_dict({**cfg("again", **{"replay.kl_coef": 1.0}), "init": "resume"}), progress=False)
+    assert_same_run(again.path, kl.path)
+    # under DDP the term's gradients join the main ones (it runs inside no_sync, before the micro-batches)
+    two = run_cli("train", str(write_config(tmp_path / "ddp.yaml", cfg("ddp", **{"replay.kl_coef": 1.0}))), "-q",
+                  "--nproc", "2", subprocess=True, timeout=300)
+    assert two.returncode == 0, two.stderr[-3000:]
+    ddp = metrics(tmp_path / "ddp", "train")
+    assert len(ddp) == 6 and abs(ddp[0]["replay_kl"]) < 1e-6 and ddp[-1]["loss"] == ddp[-1]["loss"]
+    bad = cfg("bad", **{"replay.kl_coef": 1.0, "replay.sources": ["nope"]})
+    assert_user_error(run_cli("train", str(write_config(tmp_path / "b.yaml", bad))), "not data.train sources")
+    scratch = {**cfg("bad2", **{"replay.kl_coef": 1.0}), "init": "scratch", "model": {"preset": "tiny"}}
+    assert_user_error(run_cli("train", str(write_config(tmp_path / "s.yaml", scratch))), "from-scratch")
+    none = small_run_config(tmp_path / "bad3", shards, **{"init": "weights", "model": {"path": str(initial)},
+                                                         "replay.kl_coef": 1.0})
+    assert_user_error(run_cli("train", str(write_config(tmp_path / "n.yaml", none))), "no data.train source is a replay")

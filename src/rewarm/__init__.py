@@ -6,16 +6,19 @@ __version__ = "0.1.0"
 def _register_subpackages() -> None:
     """Subpackages plug in: their model classes become known to transformers' Auto classes (saved
     models load with AutoModelForCausalLM after `import rewarm`, no remote code), their optimizers
-    to `optimizer.name`, their eval hooks to `eval.<name>`. See DESIGN: the seams."""
+    to `optimizer.name`, their eval hooks to `eval.<name>`, their loss terms to the loop. See
+    DESIGN: the seams."""
     try:
         from rewarm.analysis.health import register as register_eval_hooks
         from rewarm.mixers.modeling import register
         from rewarm.optim import register as register_optimizers
+        from rewarm.replay.kl import register as register_loss_terms
     except ImportError:  # without torch/transformers there is nothing to register
         return
     register()
     register_optimizers()
     register_eval_hooks()
+    register_loss_terms()
 
 
 _register_subpackages()

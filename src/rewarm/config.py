@@ -73,6 +73,14 @@ class DataConfig:
 
 
 @dataclass
+class ReplayConfig:
+    kl_coef: float = _f(0.0, "self-distillation on replay rows: add kl_coef x KL(initial model || current model) "
+                             "over their next-token distributions (0 = off; needs init: weights)")
+    sources: list = _f([], "the data.train sources whose rows get the KL term (default: those written by "
+                           "`rewarm replay generate`)")
+
+
+@dataclass
 class ScheduleConfig:
     name: str = _f("cosine", "constant | cosine | cosine_neox_clipped | linear | inverse_sqrt | wsd | infinite | repeated_cosine")
     max_lr: float = _f(3e-4, "peak learning rate, reached at the end of warmup")
@@ -193,6 +201,7 @@ class RunConfig:
     tokenizer: Optional[str] = _f(None, "tokenizer dir or hub id; default: model.path, else the one recorded by `rewarm prepare`")
     model: ModelConfig = _f(ModelConfig(), "model architecture / weights")
     data: DataConfig = _f(DataConfig(), "training sources and eval sets")
+    replay: ReplayConfig = _f(ReplayConfig(), "replay without the old data: KL to the initial model on replay rows")
     train: TrainConfig = _f(TrainConfig(), "batch, length, steps")
     schedule: ScheduleConfig = _f(ScheduleConfig(), "learning-rate schedule")
     optimizer: OptimizerConfig = _f(OptimizerConfig(), "AdamW settings")
@@ -260,7 +269,7 @@ RANGES: dict[str, Range] = {
     "eval.interval": AT_LEAST_1, "eval.interval_warmup": AT_LEAST_0, "eval.dense_until": AT_LEAST_0,
     "eval.tokens": AT_LEAST_1, "eval.batch": AT_LEAST_1,
     "eval.flatness.every": AT_LEAST_0, "eval.flatness.samples": Range(2, 1e6), "eval.flatness.tokens": AT_LEAST_1,
-    "eval.collapse.factor": Range(1, lo_open=True),
+    "eval.collapse.factor": Range(1, lo_open=True), "replay.kl_coef": AT_LEAST_0,
     "eval.downstream.every": AT_LEAST_0, "eval.downstream.limit": AT_LEAST_0,
     "eval.downstream.num_fewshot": AT_LEAST_0, "eval.downstream.batch": AT_LEAST_1,
     "eval.samples.max_new_tokens": Range(1, 1 << 16), "eval.samples.temperature": Range(0, 100),
@@ -571,10 +580,11 @@ def validate(cfg: RunConfig) -> None:
     if s.cooldown_fraction > s.constant_fraction:
         raise UserError(f"`schedule.cooldown_fraction` ({s.cooldown_fraction}) must not exceed `schedule.constant_fraction` "
                         f"({s.constant_fraction}): the infinite schedule cools down first, then holds, then anneals.")
-    from rewarm import eval_hooks, optimizers
+    from rewarm import eval_hooks, loss_terms, optimizers
 
     optimizers.check(cfg)
     eval_hooks.check(cfg)
+    loss_terms.check(cfg)
     ds = cfg.eval.downstream
     if any(not isinstance(t, str) or not t for t in ds.tasks):
         raise UserError(f"`eval.downstream.tasks` must be a list of task names, e.g. [hellaswag, arc_easy]; got {ds.tasks}.")

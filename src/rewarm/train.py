@@ -14,13 +14,13 @@ import logging
 import math
 import signal
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 
 import torch
 from tqdm import tqdm
 
-from rewarm import atomic, checkpoint, distributed, eval_hooks, memory
+from rewarm import atomic, checkpoint, distributed, eval_hooks, loss_terms, memory
 from rewarm.config import RunConfig, last_step, warmup_steps
 from rewarm.errors import DiskFull, Diverged, Preempted
 from rewarm.evaluate import evaluate
@@ -112,6 +112,7 @@ def _loop(cfg: RunConfig, run: RunDir, st: RunState, metrics: MetricsWriter, sto
                 "source_tokens": st.mixture.tokens_per_source(step * t.global_batch),
                 **({"aux_loss": result.aux_loss} if result.aux_loss is not None else {}),
                 **(st.optimizer.step_metrics() if hasattr(st.optimizer, "step_metrics") else {}),
+                **result.terms,
             })
             bar.set_postfix(loss=f"{result.loss:.3f}", lr=f"{result.lr:.2e}", tok_s=f"{tok_s:,.0f}")
         bar.update(1)
@@ -145,6 +146,7 @@ class StepResult:
     lr: float
     finite: bool  # False: the update was skipped
     aux_loss: float | None = None  # auxiliary losses the model returned (e.g. load balancing), already weighted
+    terms: dict = field(default_factory=dict)  # what the loss terms reported (rewarm.loss_terms), this rank's
 
 
 @dataclass
@@ -181,7 +183,10 @@ def train_step(st: RunState, fns: _StepFunctions) -> StepResult:
     for group in opt.param_groups:
         group["lr"] = lr
         group["run_step"] = ts.step  # the seam for step-aware optimizers (rewarm.optimizers)
-    windows, _ = st.mixture.batch(ts.step, d.rank, d.world)
+    windows, sources = st.mixture.batch(ts.step, d.rank, d.world)
+    extra: dict = {}
+    for term in loss_terms.active(cfg):  # their own forward/backward, gradients kept local (rewarm.loss_terms)
+        extra.update(term.backward(st, windows, sources) or {})
     micro_batches = torch.from_numpy(windows).split(cfg.train.micro_batch)
     loss_t = torch.zeros((), dtype=torch.float64, device=st.device)  # summed on the device: no sync per micro-batch
     aux_t = None
@@ -221,7 +226,7 @@ def train_step(st: RunState, fns: _StepFunctions) -> StepResult:
     opt.zero_grad(set_to_none=True)
     ts.step += 1
     ts.tokens = ts.step * st.tokens_per_step
-    return StepResult(loss_sum, grad_norm, lr, finite, aux_mean)
+    return StepResult(loss_sum, grad_norm, lr, finite, aux_mean, extra)
 
 
 def _due(step: int, every: int) -> bool:
