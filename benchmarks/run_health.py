@@ -9,8 +9,9 @@ DEMO_OUT is a finished `rewarm demo`. Prints
    model's: what `eval.collapse` (factor 3 by default) would see in the demo's normal training;
 3. self-replay: `rewarm replay generate` from the pre-trained model (unconditional, temperature 1),
    its cost in tokens/s, then the demo's `replay5pct` run again with the 5% upstream replay replaced
-   by the model's own samples; forgetting and adaptation next to no replay (`lr_mid_warmup4`) and
-   5% real replay (`replay5pct`) from the demo.
+   by the model's own samples, and once more with `replay.kl_coef` (KL to the initial model on
+   those rows); forgetting and adaptation next to no replay (`lr_mid_warmup4`) and 5% real replay
+   (`replay5pct`) from the demo.
 """
 from __future__ import annotations
 
@@ -39,6 +40,7 @@ def main() -> None:
     ap.add_argument("demo_out", type=Path)
     ap.add_argument("--out", type=Path, default=Path("health_out"))
     ap.add_argument("--replay-tokens", type=int, default=40_000)
+    ap.add_argument("--kl-coef", type=float, default=1.0, help="replay.kl_coef of the fourth run")
     args = ap.parse_args()
     runs = args.demo_out / "runs"
     upstream = str(args.demo_out / "data" / "upstream")
@@ -72,10 +74,14 @@ def main() -> None:
     raw["checkpoint"].update(interval=0, keep_steps=[])
     if not (Path(raw["out_dir"]) / "summary.json").exists():
         train(config_from_dict(raw), overwrite=True, progress=False)
+    with_kl = {**raw, "out_dir": str(args.out / "runs" / "self_replay5pct_kl"), "replay": {"kl_coef": args.kl_coef}}
+    if not (Path(with_kl["out_dir"]) / "summary.json").exists():
+        train(config_from_dict(with_kl), overwrite=True, progress=False)
     print(f"\n{'run':<20}{'replay':<24}{'final upstream':>16}{'final downstream':>18}{'forgetting':>12}{'adaptation':>12}")
     for name, path, what in (("lr_mid_warmup4", runs / "lr_mid_warmup4", "none"),
                              ("replay5pct", runs / "replay5pct", "5% real (upstream)"),
-                             ("self_replay5pct", Path(raw["out_dir"]), "5% self-generated")):
+                             ("self_replay5pct", Path(raw["out_dir"]), "5% self-generated"),
+                             ("self_replay5pct_kl", Path(with_kl["out_dir"]), f"5% self + KL ×{args.kl_coef:g}")):
         r = RunData.load(path)
         print(f"{name:<20}{what:<24}{r.final('upstream'):>16.4f}{r.final('downstream'):>18.4f}"
               f"{r.forgetting('upstream'):>+12.4f}{r.adaptation('downstream'):>+12.4f}")

@@ -5,9 +5,10 @@
 Needs `rewarm models install smollm2-135m`. The real-model study's data (`rewarm demo --model`:
 Shakespeare + King James Bible as the new domain; Python stdlib code and Wikipedia passages held
 out as the old skills) and its `lr_mid` training settings (24 steps x 4 x 256 tokens, max LR 3e-4,
-cosine to 0.1x, precision auto), without the downstream tasks (they do not change training). Three
+cosine to 0.1x, precision auto), without the downstream tasks (they do not change training). Four
 runs: no replay, 5% real replay (code, as in the study's `replay5pct`), and 5% of the model's own
-unconditional samples (`rewarm replay generate`, temperature 1). Prints the generation cost and,
+unconditional samples (`rewarm replay generate`, temperature 1), and the same with
+`replay.kl_coef: 1` (KL to the initial model on those rows). Prints the generation cost and,
 per run, the final loss and the change from step 0 on each eval set.
 """
 from __future__ import annotations
@@ -28,8 +29,8 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--out", type=Path, default=Path("self_replay_smollm2_out"))
     ap.add_argument("--replay-tokens", type=int, default=4096)
-    ap.add_argument("--runs", default="lr_mid,replay5pct,self_replay5pct",
-                    help="which of the three to train (~15 minutes each here); the study's own lr_mid and "
+    ap.add_argument("--runs", default="lr_mid,replay5pct,self_replay5pct,self_replay5pct_kl",
+                    help="which of the four to train (~3 minutes each here, bf16); the study's own lr_mid and "
                          "replay5pct are the same configs")
     args = ap.parse_args()
     model_dir = resolve("smollm2-135m", "model")
@@ -52,13 +53,19 @@ def main() -> None:
     self_run.raw["out_dir"] = str(args.out / "runs" / "self_replay5pct")
     self_run.raw["data"]["train"][1] = {"name": "self_replay", "path": str(replay_dir), "weight": 0.05}
     chosen.append(self_run)
+    kl_run = plan(args.out, model_dir, size, shards, "auto")[-1]
+    kl_run.name = "self_replay5pct_kl"
+    kl_run.raw["out_dir"] = str(args.out / "runs" / kl_run.name)
+    kl_run.raw["data"]["train"][1] = {"name": "self_replay", "path": str(replay_dir), "weight": 0.05}
+    kl_run.raw["replay"] = {"kl_coef": 1.0}
+    chosen.append(kl_run)
     chosen = [r for r in chosen if r.name in args.runs.split(",")]
     for r in chosen:
         r.raw["eval"]["downstream"] = {"tasks": []}
         r.raw["eval"]["samples"] = {"prompts": []}
     started = time.perf_counter()
     results = run_all(chosen, progress=False, jobs=1)
-    print(f"3 runs: {time.perf_counter() - started:.0f} s; {results}")
+    print(f"{len(chosen)} runs: {time.perf_counter() - started:.0f} s; {results}")
     print(f"\n{'run':<18}" + "".join(f"{s + ' final':>18}{'Δ':>9}" for s in (NEW, CODE, WIKI)))
     for r in chosen:
         data = RunData.load(r.out_dir)
