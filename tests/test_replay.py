@@ -98,6 +98,8 @@ def test_kl_to_the_initial_model_on_replay_rows(initial, tmp_path, shards):
     assert len(ddp) == 6 and abs(ddp[0]["replay_kl"]) < 1e-6 and ddp[-1]["loss"] == ddp[-1]["loss"]
     bad = cfg("bad", **{"replay.kl_coef": 1.0, "replay.sources": ["nope"]})
     assert_user_error(run_cli("train", str(write_config(tmp_path / "b.yaml", bad))), "not data.train sources")
+    fsdp = cfg("bad1", **{"replay.kl_coef": 1.0, "distributed.strategy": "fsdp"})
+    assert_user_error(run_cli("train", str(write_config(tmp_path / "f.yaml", fsdp))), "distributed.strategy: ddp")
     scratch = {**cfg("bad2", **{"replay.kl_coef": 1.0}), "init": "scratch", "model": {"preset": "tiny"}}
     assert_user_error(run_cli("train", str(write_config(tmp_path / "s.yaml", scratch))), "from-scratch")
     none = small_run_config(tmp_path / "bad3", shards, **{"init": "weights", "model": {"path": str(initial)},

@@ -44,6 +44,10 @@ def _check(cfg) -> None:
     if cfg.init == "scratch":
         raise UserError("`replay.kl_coef` pulls the model towards its initial weights' predictions; a from-scratch "
                         "run has none. Use init: weights (or set replay.kl_coef: 0).")
+    if cfg.distributed.strategy == "fsdp":
+        raise UserError("`replay.kl_coef` runs an extra forward on each rank's replay rows; under FSDP that forward "
+                        "is a collective, and a rank without replay rows in a step would skip it. Use "
+                        "distributed.strategy: ddp.")
     if cfg.train.precision == "fp16":
         raise UserError("`replay.kl_coef` does not support train.precision: fp16 (its gradients would miss the grad "
                         "scaler); use bf16 or fp32.")
