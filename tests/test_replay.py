@@ -98,6 +98,15 @@ def test_kl_to_the_initial_model_on_replay_rows(initial, tmp_path, shards):
     assert len(ddp) == 6 and abs(ddp[0]["replay_kl"]) < 1e-6 and ddp[-1]["loss"] == ddp[-1]["loss"]
     bad = cfg("bad", **{"replay.kl_coef": 1.0, "replay.sources": ["nope"]})
     assert_user_error(run_cli("train", str(write_config(tmp_path / "b.yaml", bad))), "not data.train sources")
+    weightless = cfg("bad4", **{"replay.kl_coef": 1.0})
+    weightless["data"]["train"][-1]["weight"] = 0.0
+    assert_user_error(run_cli("train", str(write_config(tmp_path / "w.yaml", weightless))), "has weight 0")
+    gone = cfg("bad5", **{"replay.kl_coef": 1.0, "model.path": str(tmp_path / "nowhere")})
+    assert_user_error(run_cli("train", str(write_config(tmp_path / "g.yaml", gone))), "KL teacher")
+    uneven = cfg("bad6", **{"train.micro_batch": 8})
+    proc = run_cli("train", str(write_config(tmp_path / "u.yaml", uneven)), "--nproc", "2", subprocess=True)
+    assert_user_error(proc, "not divisible")
+    assert proc.stderr.count("error:") == 1
     fsdp = cfg("bad1", **{"replay.kl_coef": 1.0, "distributed.strategy": "fsdp"})
     assert_user_error(run_cli("train", str(write_config(tmp_path / "f.yaml", fsdp))), "distributed.strategy: ddp")
     scratch = {**cfg("bad2", **{"replay.kl_coef": 1.0}), "init": "scratch", "model": {"preset": "tiny"}}

@@ -55,7 +55,10 @@ def _cmd_train(args: argparse.Namespace) -> int:
     if args.resume:
         overrides.append("init=resume")
     if args.nproc and args.nproc > 1 and "LOCAL_RANK" not in os.environ:
-        load_config(args.config, overrides)  # bad input: one clear error here, not one per rank under torchrun
+        from rewarm.config import check_batch
+
+        # bad input: one clear error here, not one per rank under torchrun
+        check_batch(load_config(args.config, overrides).train, world=args.nproc)
         # re-launch this very command under torchrun, one process per rank
         rest, skip = [], False
         for arg in sys.argv[1:]:

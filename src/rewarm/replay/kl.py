@@ -51,11 +51,22 @@ def _check(cfg) -> None:
     if cfg.train.precision == "fp16":
         raise UserError("`replay.kl_coef` does not support train.precision: fp16 (its gradients would miss the grad "
                         "scaler); use bf16 or fp32.")
+    teacher = cfg.model.path
+    if not teacher:
+        raise UserError("`replay.kl_coef` compares the model with its initial weights, loaded from `model.path`, "
+                        "which is empty. Set model.path to the model the run started from.")
+    if (Path(teacher).is_absolute() or teacher.startswith(".")) and not Path(teacher).exists():
+        raise UserError(f"`replay.kl_coef`: the initial model (the KL teacher) at model.path {teacher} does not "
+                        f"exist. Point model.path at the model the run started from.")
     names = [s.name for s in cfg.data.train]
     unknown = [n for n in cfg.replay.sources if n not in names]
     if unknown:
         raise UserError(f"`replay.sources` names {unknown}, which are not data.train sources ({names}).")
-    if not replay_source_names(cfg):
+    replay = replay_source_names(cfg)
+    if replay and all(s.weight <= 0 for s in cfg.data.train if s.name in replay):
+        raise UserError(f"`replay.kl_coef` is set but every replay source ({replay}) has weight 0 in data.train: "
+                        f"no row would ever get the KL term. Give them a weight (e.g. 0.05) or set kl_coef: 0.")
+    if not replay:
         raise UserError("`replay.kl_coef` is set but no data.train source is a replay source: name them in "
                         "replay.sources, or mix in a directory written by `rewarm replay generate`.")
 
