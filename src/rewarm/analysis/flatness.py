@@ -17,7 +17,8 @@ from contextlib import contextmanager
 from typing import Callable
 
 import torch
-import torch.nn.functional as F
+
+from rewarm.fused_loss import lm_loss
 
 
 def hutchinson_trace(loss_fn: Callable[[], torch.Tensor], params: list[torch.Tensor], samples: int,
@@ -59,16 +60,11 @@ def model_flatness(model: torch.nn.Module, windows: torch.Tensor, samples: int, 
     was_training = model.training
     model.eval()  # no dropout: the same function for every probe
 
-    def loss_fn() -> torch.Tensor:
-        logits = model(input_ids=windows[:, :-1], use_cache=False).logits.float()
-        return F.cross_entropy(logits.reshape(-1, logits.size(-1)), windows[:, 1:].reshape(-1))
-
-    try:
+    try:  # the unfused loss: the fused head's custom backward has no double backward
         with _double_backward_attention(), torch.autocast(device_type=torch.device(device).type, enabled=False):
-            out = hutchinson_trace(loss_fn, params, samples, seed)
+            out = hutchinson_trace(lambda: lm_loss(model, windows, fused=False), params, samples, seed)
     finally:
         model.train(was_training)
-        model.zero_grad(set_to_none=True)
     out.update(params=sum(p.numel() for p in params), tokens=int(windows[:, 1:].numel()))
     return out
 

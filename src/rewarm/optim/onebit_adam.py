@@ -94,9 +94,6 @@ class OneBitAdam(torch.optim.Optimizer):
         """What the loop logs in the train event: the phase and the bytes this rank sent in the step."""
         return dict(self._last)
 
-    def count_sent(self, nbytes: int) -> None:
-        self._sent += nbytes
-
     @torch.no_grad()
     def step(self, closure=None):
         compressing = self.compressing
@@ -180,10 +177,7 @@ def build(model, param_groups, cfg, d) -> OneBitAdam:
     if not d.active:
         log.warning("onebit_adam with one process: there is nothing to compress, so it runs as plain Adam(W) and "
                     "never freezes its variance. Launch with --nproc N (N >= 2) to compress.")
-        opt.freeze_step = math.inf
         return opt
-    if cfg.distributed.strategy != "ddp":
-        raise UserError("onebit_adam needs distributed.strategy: ddp.")
     model.register_comm_hook(opt, _ddp_hook)
     log.info("onebit_adam: AdamW with full all-reduce for %d steps, then v frozen and 1-bit momentum exchange", fs)
     return opt
@@ -197,6 +191,6 @@ def _ddp_hook(opt: OneBitAdam, bucket):
         fut = torch.futures.Future()
         fut.set_result(buf)
         return fut
-    opt.count_sent(2 * (opt.world - 1) * buf.numel() * buf.element_size() // opt.world)  # ring all-reduce
+    opt._sent += 2 * (opt.world - 1) * buf.numel() * buf.element_size() // opt.world  # ring all-reduce
     buf.div_(opt.world)
     return dist.all_reduce(buf, group=opt.group, async_op=True).get_future().then(lambda f: f.value()[0])
