@@ -11,6 +11,7 @@ def _register_subpackages() -> None:
     try:
         from rewarm.analysis.health import register as register_eval_hooks
         from rewarm.mixers.modeling import register
+        from rewarm.moe import register as register_moe
         from rewarm.optim import register as register_optimizers
         from rewarm.replay.kl import register as register_loss_terms
     except ImportError:  # without torch/transformers there is nothing to register
@@ -19,6 +20,7 @@ def _register_subpackages() -> None:
     register_optimizers()
     register_eval_hooks()
     register_loss_terms()
+    register_moe()
 
 
 _register_subpackages()

@@ -510,6 +510,36 @@ def _cmd_linearize(args: argparse.Namespace) -> int:
     return 0
 
 
+def _cmd_upcycle(args: argparse.Namespace) -> int:
+    from rewarm import atomic
+    from rewarm.moe.upcycle import launch_lines, load_plan, run_plan
+    from rewarm.sweep import slurm_array, write_configs
+
+    plan = load_plan(args.plan)
+    if args.print_commands or args.slurm_array:
+        configs = write_configs(plan.branches + [plan.moe_run()], plan.out_dir)
+        if args.print_commands:
+            print("\n".join(line.replace("PLAN", args.plan) for line in launch_lines(plan, args.nproc)))
+        if args.slurm_array:
+            atomic.write_text(args.slurm_array, slurm_array(configs[:-1], f"upcycle-{plan.out_dir.name}"))
+            print(f"wrote SLURM array script {args.slurm_array} ({len(configs) - 1} branch runs): sbatch {args.slurm_array}; "
+                  f"then: rewarm upcycle {args.plan} --stage mix && rewarm upcycle {args.plan} --stage moe", file=sys.stderr)
+        return 0
+    r = run_plan(plan, args.stage, progress=not args.quiet)
+    for name, what in r.get("branches", {}).items():
+        print(f"branch {name:<24} {what}")
+    if "moe_model" in r:
+        print(f"mixed model: {r['moe_model']}  (loads with AutoModelForCausalLM after `import rewarm`)")
+    if "moe" in r:
+        print(f"mixture run {plan.out_dir / 'moe'}: {r['moe']}")
+        routing = r["routing"]
+        print(f"routing per eval set (mean entropy over layers, bits; {routing['max_entropy_bits']} = no preference):")
+        for name, s in routing["sets"].items():
+            print(f"  {name:<20} {s['mean_entropy_bits']:.3f}")
+        print(f"report: rewarm report {plan.out_dir / 'moe'} {plan.out_dir / 'branches'} -o {plan.out_dir / 'report'}")
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="rewarm", description="Continual pre-training of language models.")
     p.add_argument("-v", "--verbose", action="store_true", help="debug logging")
@@ -718,6 +748,18 @@ def build_parser() -> argparse.ArgumentParser:
     li.add_argument("config", help="a run config (model.path = the teacher, data, train, eval) with a `linearize:` section")
     li.add_argument("-q", "--quiet", action="store_true", help="no progress bars")
     li.set_defaults(func=_cmd_linearize)
+
+    up = sub.add_parser("upcycle", help="branch a dense model into domain experts and mix them into a mixture of "
+                                        "experts (BAM / BTX), then train it")
+    up.add_argument("plan", help="an upcycle plan (YAML): out_dir, base, branches, upcycle, moe_run (README: Upcycling)")
+    up.add_argument("--stage", choices=("all", "branches", "mix", "moe"), default="all",
+                    help="run one stage only (finished stages are skipped anyway)")
+    up.add_argument("--print-commands", action="store_true",
+                    help="print the branch runs' commands (plain and torchrun) and what follows, run nothing")
+    up.add_argument("--slurm-array", metavar="FILE", help="write a SLURM array script of the branch runs, run nothing")
+    up.add_argument("--nproc", type=int, default=1, help="processes per run in the printed torchrun commands")
+    up.add_argument("-q", "--quiet", action="store_true", help="no progress bars")
+    up.set_defaults(func=_cmd_upcycle)
 
     cr = sub.add_parser("config", help="config tools").add_subparsers(dest="cfg_command", required=True)
     cr.add_parser("reference", help="print every config key, default and meaning").set_defaults(func=_cmd_config_reference)

@@ -81,6 +81,17 @@ class ReplayConfig:
 
 
 @dataclass
+class MoEConfig:
+    lbl_coef: float = _f(0.01, "mixture-of-experts models (`rewarm upcycle`): weight of the load-balancing loss "
+                               "N_E x sum_i f_i p_i, averaged over layers (0 = off)")
+    lbl_scope: str = _f("micro_batch", "micro_batch | global_batch: count the expert load f_i over each forward's "
+                                       "tokens, or over the whole optimizer step on every data-parallel rank")
+    z_loss_coef: float = _f(0.0, "weight of the router z-loss (mean squared log-sum-exp of router logits; 0 = off)")
+    capacity_factor: float = _f(0.0, "tokens an expert takes per forward, as a multiple of an even share of the "
+                                     "assignments; the rest skip it and are logged as dropped (0 = no limit)")
+
+
+@dataclass
 class ScheduleConfig:
     name: str = _f("cosine", "constant | cosine | cosine_neox_clipped | linear | inverse_sqrt | wsd | infinite | repeated_cosine")
     max_lr: float = _f(3e-4, "peak learning rate, reached at the end of warmup")
@@ -203,6 +214,7 @@ class RunConfig:
     data: DataConfig = _f(DataConfig(), "training sources and eval sets")
     replay: ReplayConfig = _f(ReplayConfig(), "replay without the old data: KL to the initial model on replay rows")
     train: TrainConfig = _f(TrainConfig(), "batch, length, steps")
+    moe: MoEConfig = _f(MoEConfig(), "routing losses of mixture-of-experts models (ignored by dense models)")
     schedule: ScheduleConfig = _f(ScheduleConfig(), "learning-rate schedule")
     optimizer: OptimizerConfig = _f(OptimizerConfig(), "AdamW settings")
     eval: EvalConfig = _f(EvalConfig(), "held-out evaluation")
@@ -225,6 +237,7 @@ CHOICES = {
     "schedule.cooldown_shape": ("cosine", "inv_sqrt"),
     "model.mixer_backend": ("auto", "torch", "fla"),
     "eval.collapse.action": ("warn", "stop", "rollback"),
+    "moe.lbl_scope": ("micro_batch", "global_batch"),
 }
 @dataclass(frozen=True)
 class Range:
@@ -270,6 +283,7 @@ RANGES: dict[str, Range] = {
     "eval.tokens": AT_LEAST_1, "eval.batch": AT_LEAST_1,
     "eval.flatness.every": AT_LEAST_0, "eval.flatness.samples": Range(2, 1e6), "eval.flatness.tokens": AT_LEAST_1,
     "eval.collapse.factor": Range(1, lo_open=True), "replay.kl_coef": AT_LEAST_0,
+    "moe.lbl_coef": AT_LEAST_0, "moe.z_loss_coef": AT_LEAST_0, "moe.capacity_factor": AT_LEAST_0,
     "eval.downstream.every": AT_LEAST_0, "eval.downstream.limit": AT_LEAST_0,
     "eval.downstream.num_fewshot": AT_LEAST_0, "eval.downstream.batch": AT_LEAST_1,
     "eval.samples.max_new_tokens": Range(1, 1 << 16), "eval.samples.temperature": Range(0, 100),

@@ -280,6 +280,8 @@ def start_run(cfg: RunConfig, run: RunDir, d: Dist, *, overwrite: bool = False, 
             origin = path + (f"@{revision}" if revision else "")
         model.to(device)
         _smoke_forward(model, device)
+        if hasattr(model, "apply_run_settings"):  # a mixture of experts takes the run's `moe:` section (seam)
+            model.apply_run_settings(cfg.moe)
         if cfg.train.activation_checkpointing:
             _enable_activation_checkpointing(model)
     except (RuntimeError, ValueError, TypeError, AssertionError) as exc:

@@ -112,6 +112,7 @@ def _loop(cfg: RunConfig, run: RunDir, st: RunState, metrics: MetricsWriter, sto
                 "source_tokens": st.mixture.tokens_per_source(step * t.global_batch),
                 **({"aux_loss": result.aux_loss} if result.aux_loss is not None else {}),
                 **(st.optimizer.step_metrics() if hasattr(st.optimizer, "step_metrics") else {}),
+                **(st.raw_model.step_metrics() if hasattr(st.raw_model, "step_metrics") else {}),
                 **result.terms,
             })
             bar.set_postfix(loss=f"{result.loss:.3f}", lr=f"{result.lr:.2e}", tok_s=f"{tok_s:,.0f}")

