@@ -4,16 +4,11 @@ micro-batch load balancing (2 gloo ranks × 2 micro-batches against one process)
 `rewarm upcycle` pipeline and the branches it refuses."""
 from __future__ import annotations
 
-import json
-import math
-
 import pytest
 import torch
-import yaml
 from transformers import AutoModelForCausalLM, GPTNeoXConfig, LlamaConfig
 
 import rewarm  # noqa: F401  (registers the MoE class with the Auto classes)
-from conftest import assert_same_run, assert_user_error, interrupt_after, metrics, run_cli, small_run_config, write_config
 from rewarm.errors import UserError
 from rewarm.moe.attention import MixtureOfAttention
 from rewarm.moe.families import family_of

@@ -184,7 +184,8 @@ def run_plan(plan: Plan, stage: str = "all", progress: bool = True) -> dict:
         out["branches"] = run_all(plan.branches, progress)
         failed = [n for n, what in out["branches"].items() if what.startswith("failed")]
         if failed:
-            raise UserError(f"branch runs failed: {', '.join(f'{n} ({out['branches'][n]})' for n in failed)}. "
+            why = ", ".join(f"{n} ({out['branches'][n]})" for n in failed)
+            raise UserError(f"branch runs failed: {why}. "
                             f"Fix them and run the same command again (finished branches are skipped).")
     if stage in ("all", "mix"):
         out["moe_model"] = str(mix_branches(plan, progress))
