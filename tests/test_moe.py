@@ -4,11 +4,15 @@ micro-batch load balancing (2 gloo ranks × 2 micro-batches against one process)
 `rewarm upcycle` pipeline and the branches it refuses."""
 from __future__ import annotations
 
+import json
+
 import pytest
 import torch
+import yaml
 from transformers import AutoModelForCausalLM, GPTNeoXConfig, LlamaConfig
 
 import rewarm  # noqa: F401  (registers the MoE class with the Auto classes)
+from conftest import assert_same_run, assert_user_error, interrupt_after, metrics, run_cli, small_run_config, write_config
 from rewarm.errors import UserError
 from rewarm.moe.attention import MixtureOfAttention
 from rewarm.moe.families import family_of
@@ -167,3 +171,146 @@ def test_mixing_refuses_branches_of_another_architecture():
         mix([("a", _neox()), ("b", _neox(intermediate_size=48))])
     with pytest.raises(UserError, match="GPT-NeoX and Llama"):
         family_of(type("C", (), {"model_type": "gpt2"})())
+
+
+# -- the pipeline on real runs ------------------------------------------------------------------
+
+RUN = {"train.max_steps": 4, "eval.interval": 2, "checkpoint.interval": 2, "train.num_threads": 1,
+       "schedule.warmup": 1}
+
+
+@pytest.fixture(scope="module")
+def upcycled(tmp_path_factory, shards):
+    """A 2-layer GPT-NeoX seed (4 steps from scratch on prose), two branches (prose, code), their BAM
+    mixture trained 4 steps with the global-batch LBL (2 micro-batches per step)."""
+    from rewarm.config import config_from_dict
+    from rewarm.train import train
+
+    root = tmp_path_factory.mktemp("upcycle")
+    seed_cfg = small_run_config(root / "seed", shards, **RUN, **{"data.train": [
+        {"name": "upstream", "path": str(shards["upstream"])}]})
+    seed = train(config_from_dict(seed_cfg), progress=False)
+    base = small_run_config(root / "unused", shards, **RUN)
+    base["model"] = {"path": str(seed.final)}
+    plan = {"out_dir": str(root / "up"), "base": base,
+            "branches": [{"name": "prose", "data": str(shards["upstream"])},
+                         {"name": "code", "data": str(shards["downstream"])}],
+            "upcycle": {"mode": "bam", "top_k": 1},
+            "moe_run": {"set": {"moe.lbl_scope": "global_batch", "moe.capacity_factor": 1.5}}}
+    path = write_config(root / "plan.yaml", plan)
+    proc = run_cli("upcycle", str(path), "-q")
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    return root, path, proc
+
+
+def test_upcycle_runs_branches_mixes_and_trains_the_mixture(upcycled):
+    root, _, proc = upcycled
+    up = root / "up"
+    for name in ("prose", "code"):
+        assert (up / "branches" / name / "summary.json").is_file()
+        assert metrics(up / "branches" / name, "start")[0]["init"] == "weights"
+    info = json.loads((up / "moe_model" / "upcycle.json").read_text())
+    assert info["identity_check_max_abs_logit_gap"] < 1e-5 and info["params"] > info["dense_params"]
+    moe = AutoModelForCausalLM.from_pretrained(up / "moe_model")
+    assert moe.config.expert_names == ["prose", "code"] and moe.config.attention_experts == 2
+    # the mixture's run trains on both branches' data, logs its load balancing per step
+    cfg = yaml.safe_load((up / "moe" / "config.yaml").read_text())
+    assert [s["name"] for s in cfg["data"]["train"]] == ["prose", "code"]
+    train_events = metrics(up / "moe", "train")
+    assert all(e["aux_loss"] > 0 and len(e["moe_load"]) == 2 and "moe_dropped" in e for e in train_events)
+    assert all(sum(layer) == pytest.approx(1.0, abs=1e-3) for e in train_events for layer in e["moe_load"])
+    routing = json.loads((up / "moe" / "routing.json").read_text())
+    assert set(routing["sets"]) == {"upstream", "downstream"}
+    assert all(0 <= s["mean_entropy_bits"] <= 1 for s in routing["sets"].values())
+    assert "routing per eval set" in proc.stdout
+    # a second call finds everything done
+    again = run_cli("upcycle", str(root / "plan.yaml"), "-q")
+    assert again.returncode == 0 and "skipped (already finished)" in again.stdout
+
+
+def test_report_draws_the_routing_per_domain(upcycled, tmp_path):
+    root, _, _ = upcycled
+    proc = run_cli("report", str(root / "up" / "moe"), "-o", str(tmp_path / "r"))
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    text = (tmp_path / "r" / "report.md").read_text()
+    assert (tmp_path / "r" / "routing.png").is_file() and "Expert specialisation" in text and "| moe | upstream |" in text
+
+
+def _lbl_of_whole_batch(model_dir, shards, scope_rows=8):
+    """One process, one forward over the step's whole global batch (8 rows): the global-batch LBL."""
+    from rewarm.data.mixture import Mixture, Source
+    from rewarm.data.shards import TokenShards
+    from rewarm.fused_loss import lm_loss
+
+    model = AutoModelForCausalLM.from_pretrained(model_dir).train()
+    sources = [Source(n, TokenShards(str(shards[k])), 0.5) for n, k in (("prose", "upstream"), ("code", "downstream"))]
+    windows, _ = Mixture(sources, 32, 8, 0).batch(0, 0, 1)
+    with torch.no_grad():
+        _, aux = lm_loss(model, torch.from_numpy(windows), with_aux=True)
+    return float(aux)
+
+
+def test_global_batch_lbl_on_two_ranks_equals_one_forward_over_the_global_batch(upcycled, shards, tmp_path):
+    """2 gloo ranks × 2 micro-batches of 2 rows: the logged LBL of step 1 is the one of all 8 rows at
+    once (to 1e-6); the micro-batch scope's is not."""
+    root, _, _ = upcycled
+    moe_cfg = yaml.safe_load((root / "up" / "configs" / "moe.yaml").read_text())
+    got = {}
+    for scope in ("global_batch", "micro_batch"):
+        cfg = dict(moe_cfg, out_dir=str(tmp_path / scope))
+        cfg["train"] = dict(cfg["train"], micro_batch=2, max_steps=2)
+        cfg["moe"] = dict(cfg["moe"], lbl_scope=scope, capacity_factor=0.0)
+        cfg["eval"] = dict(cfg["eval"], interval=100)
+        proc = run_cli("train", str(write_config(tmp_path / f"{scope}.yaml", cfg)), "-q", "--nproc", "2",
+                       timeout=300, subprocess=True)
+        assert proc.returncode == 0, proc.stderr[-3000:]
+        got[scope] = metrics(tmp_path / scope, "train")[0]["aux_loss"] / cfg["moe"]["lbl_coef"]  # the LBL itself
+    want = _lbl_of_whole_batch(root / "up" / "moe_model", shards) / moe_cfg["moe"]["lbl_coef"]
+    assert got["global_batch"] == pytest.approx(want, abs=1e-6)
+    assert abs(got["micro_batch"] - want) > 1e-4  # here ~1e-3: each micro-batch's own load is less even
+
+
+def test_mixture_run_resumes_bit_exactly(upcycled, tmp_path):
+    from rewarm.config import config_from_dict
+    from rewarm.train import train
+
+    root, _, _ = upcycled
+    cfg = yaml.safe_load((root / "up" / "configs" / "moe.yaml").read_text())
+    cfg["out_dir"] = str(tmp_path / "again")
+    interrupt_after(train(config_from_dict(cfg), progress=False), "step_000004")
+    resumed = train(config_from_dict(dict(cfg, init="resume")), progress=False)
+    assert_same_run(resumed.path, root / "up" / "moe")
+
+
+def test_upcycle_refuses_bad_plans_and_unlike_branches(upcycled, tmp_path, shards):
+    root, path, _ = upcycled
+    plan = yaml.safe_load(path.read_text())
+
+    def refused(change, *needles):
+        bad = json.loads(json.dumps(plan))
+        bad["out_dir"] = str(tmp_path / "bad")
+        change(bad)
+        assert_user_error(run_cli("upcycle", str(write_config(tmp_path / "bad.yaml", bad)), "-q"), *needles)
+
+    refused(lambda p: p.update(branches=p["branches"][:1]), "at least two")
+    refused(lambda p: p["upcycle"].update(mode="moa"), "upcycle.mode must be one of bam, btx")
+    refused(lambda p: p["upcycle"].update(top_k=3), "upcycle.top_k")
+    refused(lambda p: p["upcycle"].update(mode="btx", kv_sharing=True), "kv_sharing needs mode: bam")
+    refused(lambda p: p["branches"][1].update(name="prose"), "used twice")
+    refused(lambda p: p["moe_run"]["set"].update({"moe.lbl_scope": "global"}), "moe.lbl_scope", "micro_batch, global_batch")
+    refused(lambda p: p.update(stray=1), "unknown top-level keys")
+    # a branch from another architecture: mixing names the parameter that differs (exit 2)
+    import shutil
+
+    other = tmp_path / "other"
+    shutil.copytree(root / "up", other)
+    shutil.rmtree(other / "moe_model")
+    for f in ("config.json", "model.safetensors"):
+        shutil.copy(root / "seed" / "final" / f, other / "branches" / "code" / "final" / f)
+    wide = AutoModelForCausalLM.from_pretrained(other / "branches" / "code" / "final")
+    wide.config.intermediate_size = 48
+    AutoModelForCausalLM.from_config(wide.config).save_pretrained(other / "branches" / "code" / "final")
+    odd = json.loads(json.dumps(plan))
+    odd["out_dir"] = str(other)
+    assert_user_error(run_cli("upcycle", str(write_config(tmp_path / "odd.yaml", odd)), "--stage", "mix", "-q"),
+                      "branch `code`", "intermediate_size")

@@ -161,6 +161,51 @@ def replay_table(runs: list[RunData], up: str = "upstream", down: str = "downstr
     return ["run", "training mixture", "forgetting", "adaptation"], rows
 
 
+def plot_routing(runs: list[RunData], out: Path) -> Path | None:
+    """Mixture-of-experts runs (routing.json): per layer, the share of each eval set's token
+    assignments that each expert receives — a row per run, a panel per layer."""
+    with_routing = [r for r in runs if r.routing.get("sets")]
+    if not with_routing:
+        return None
+    plt = _pyplot()
+    n_layers = max(len(next(iter(r.routing["sets"].values()))["share"]) for r in with_routing)
+    fig, axes = plt.subplots(len(with_routing), n_layers, squeeze=False,
+                             figsize=(2.2 * n_layers + 1.5, 0.6 + 1.8 * len(with_routing)))
+    for row, r in enumerate(with_routing):
+        sets = list(r.routing["sets"])
+        experts = r.routing.get("experts") or []
+        for layer in range(n_layers):
+            ax = axes[row][layer]
+            grid = [r.routing["sets"][s]["share"][layer] if layer < len(r.routing["sets"][s]["share"]) else []
+                    for s in sets]
+            im = ax.imshow(grid, vmin=0, vmax=1, cmap="viridis", aspect="auto")
+            for i, values in enumerate(grid):
+                for j, v in enumerate(values):
+                    ax.text(j, i, f"{v:.2f}", ha="center", va="center", fontsize=7, color="w" if v < 0.6 else "k")
+            ax.set_xticks(range(len(grid[0]) if grid else 0), experts[: len(grid[0])] if grid else [], rotation=45, fontsize=7)
+            ax.set_yticks(range(len(sets)), sets if layer == 0 else [""] * len(sets), fontsize=7)
+            ax.set_title(f"{r.name}: layer {layer}" if layer == 0 else f"layer {layer}", fontsize=8)
+    fig.colorbar(im, ax=axes, shrink=0.6, label="share of the set's assignments")
+    fig.suptitle("Expert routing per eval set (rows: eval sets, columns: FFN experts)")
+    path = save_figure(fig, out)
+    plt.close(fig)
+    return path
+
+
+def routing_table(runs: list[RunData]) -> tuple[list[str], list[list[str]]]:
+    """Per MoE run and eval set: the routing distribution's entropy (mean over layers) and its most-used expert."""
+    rows = []
+    for r in runs:
+        experts = r.routing.get("experts") or []
+        for name, s in r.routing.get("sets", {}).items():
+            totals = [sum(layer[j] for layer in s["share"]) / len(s["share"]) for j in range(len(s["share"][0]))]
+            top = max(range(len(totals)), key=totals.__getitem__)
+            label = experts[top] if top < len(experts) else str(top)
+            rows.append([r.name, name, f"{s['mean_entropy_bits']:.3f}", f"{r.routing.get('max_entropy_bits', float('nan')):.3f}",
+                         f"{label} ({totals[top]:.2f})"])
+    return ["run", "eval set", "routing entropy (bits, mean over layers)", "no preference", "most-used expert (share)"], rows
+
+
 def plot_lrs(runs: list[RunData], out: Path) -> Path:
     plt = _pyplot()
     colors = _colors(runs)
@@ -352,6 +397,7 @@ def report(paths: list[str], out_dir: str | Path, fmt: str = "md", title: str = 
         "Downstream tasks vs tokens": plot_downstream(runs, out / "downstream.png"),
         "Learning rates": plot_lrs(runs, out / "lr.png"),
         "Flatness (Hessian trace) vs tokens": plot_flatness(runs, out / "flatness.png"),
+        "Expert routing per eval set (mixture-of-experts runs)": plot_routing(runs, out / "routing.png"),
     }
     images = {k: v for k, v in images.items() if v is not None}
     header, rows = run_table(runs, mean_last_train, *names)
@@ -362,7 +408,9 @@ def report(paths: list[str], out_dir: str | Path, fmt: str = "md", title: str = 
               ("Downstream tasks: accuracy at step 0 and at the end (± standard error)", *task_change_table(runs)),
               ("Text samples: greedy continuations at step 0 and at the end", *samples_table(runs)),
               ("Collapse alarm: ME-PPL of the alarm's sentences (eval.collapse)", *health_table(runs)),
-              ("Replay: real vs self-generated (rewarm replay generate)", *replay_table(runs, *names))]
+              ("Replay: real vs self-generated (rewarm replay generate)", *replay_table(runs, *names)),
+              ("Expert specialisation: how concentrated each eval set's routing is (lower = more specialised)",
+               *routing_table(runs))]
     tables = [t for t in tables if t[2]]
     found = F.compute(by_name, roles) if roles else []
     up, down = names

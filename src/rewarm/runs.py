@@ -7,6 +7,8 @@ steps (after step 0) minus the step-0 upstream loss. A run is finished when its 
 """
 from __future__ import annotations
 
+import json
+import logging
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -14,6 +16,8 @@ import yaml
 
 from rewarm.errors import UserError
 from rewarm.rundir import RunDir, iter_metrics
+
+log = logging.getLogger(__name__)
 
 
 @dataclass
@@ -31,6 +35,7 @@ class RunData:
     flatness: list[dict] = field(default_factory=list)  # `flatness` events (eval.flatness)
     me_ppl: list[dict] = field(default_factory=list)  # `me_ppl` events (eval.collapse)
     alarms: list[dict] = field(default_factory=list)  # `collapse` events, and rollbacks an alarm asked for
+    routing: dict = field(default_factory=dict)  # routing.json of a mixture-of-experts run (`rewarm upcycle`)
 
     @classmethod
     def load(cls, path: str | Path, name: str | None = None) -> "RunData":
@@ -60,6 +65,12 @@ class RunData:
             elif e.get("event") == "downstream":
                 by_step.setdefault(e["step"], (e["tokens"], {}))[1].update(e["tasks"])  # later results win
         run.downstream = [(step, tok, tasks) for step, (tok, tasks) in sorted(by_step.items())]
+        routing = rd.path / "routing.json"
+        if routing.is_file():
+            try:
+                run.routing = json.loads(routing.read_text())
+            except ValueError:
+                log.warning("%s is not valid JSON: the routing view skips it", routing)
         return run
 
     @property

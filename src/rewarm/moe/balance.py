@@ -39,8 +39,13 @@ def _backward(st, windows, sources) -> dict | None:
     if len(micro) == 1 and d.world == 1:
         return None  # one micro-batch on one rank: the step's tokens are this forward's tokens
     counts = torch.zeros(len(layers), layers[0].num_experts, dtype=torch.float64, device=st.device)
-    hooks = [m.register_forward_hook(lambda mod, args, out, i=i: counts[i].add_(
-        mod.assignment_counts(args[0]).to(counts.dtype))) for i, m in enumerate(layers)]
+
+    def counter(i: int):
+        def hook(module, args, output) -> None:  # returns None: the layer's output stays its own
+            counts[i] += module.assignment_counts(args[0]).to(counts.dtype)
+        return hook
+
+    hooks = [m.register_forward_hook(counter(i)) for i, m in enumerate(layers)]
     fsdp = d.active and d.strategy == "fsdp"
     runner = st.model if fsdp else model.backbone  # FSDP: the whole (collective) forward; else the body alone
     was_training = st.model.training
