@@ -5,6 +5,7 @@ micro-batch load balancing (2 gloo ranks × 2 micro-batches against one process)
 from __future__ import annotations
 
 import json
+import math
 
 import pytest
 import torch
@@ -256,17 +257,21 @@ def test_global_batch_lbl_on_two_ranks_equals_one_forward_over_the_global_batch(
     root, _, _ = upcycled
     moe_cfg = yaml.safe_load((root / "up" / "configs" / "moe.yaml").read_text())
     got = {}
-    for scope in ("global_batch", "micro_batch"):
-        cfg = dict(moe_cfg, out_dir=str(tmp_path / scope))
+    for scope, strategy in (("global_batch", "ddp"), ("micro_batch", "ddp"), ("global_batch", "fsdp")):
+        name = f"{scope}_{strategy}"
+        cfg = dict(moe_cfg, out_dir=str(tmp_path / name))
         cfg["train"] = dict(cfg["train"], micro_batch=2, max_steps=2)
         cfg["moe"] = dict(cfg["moe"], lbl_scope=scope, capacity_factor=0.0)
         cfg["eval"] = dict(cfg["eval"], interval=100)
-        proc = run_cli("train", str(write_config(tmp_path / f"{scope}.yaml", cfg)), "-q", "--nproc", "2",
+        cfg["distributed"] = dict(cfg.get("distributed") or {}, strategy=strategy)
+        proc = run_cli("train", str(write_config(tmp_path / f"{name}.yaml", cfg)), "-q", "--nproc", "2",
                        timeout=300, subprocess=True)
         assert proc.returncode == 0, proc.stderr[-3000:]
-        got[scope] = metrics(tmp_path / scope, "train")[0]["aux_loss"] / cfg["moe"]["lbl_coef"]  # the LBL itself
+        got[name] = metrics(tmp_path / name, "train")[0]["aux_loss"] / cfg["moe"]["lbl_coef"]  # the LBL itself
+    got["micro_batch"] = got.pop("micro_batch_ddp")
     want = _lbl_of_whole_batch(root / "up" / "moe_model", shards) / moe_cfg["moe"]["lbl_coef"]
-    assert got["global_batch"] == pytest.approx(want, abs=1e-6)
+    assert got["global_batch_ddp"] == pytest.approx(want, abs=1e-6)
+    assert got["global_batch_fsdp"] == pytest.approx(want, abs=1e-6)
     assert abs(got["micro_batch"] - want) > 1e-4  # here ~1e-3: each micro-batch's own load is less even
 
 
@@ -314,3 +319,25 @@ def test_upcycle_refuses_bad_plans_and_unlike_branches(upcycled, tmp_path, shard
     odd["out_dir"] = str(other)
     assert_user_error(run_cli("upcycle", str(write_config(tmp_path / "odd.yaml", odd)), "--stage", "mix", "-q"),
                       "branch `code`", "intermediate_size")
+
+
+def test_a_llama_mixture_trains_through_the_loop_in_bf16(tmp_path, shards, tokenizer_dir):
+    """A Llama-family seed (grouped-query attention, tied embeddings) mixed with KV sharing, trained
+    2 steps in bf16 autocast on the fused head + loss path: finite losses, the tie kept in final/."""
+    from transformers import AutoTokenizer
+
+    from rewarm.config import config_from_dict
+    from rewarm.train import train
+
+    dense = _llama(vocab_size=512)
+    moe = mix([("a", _perturbed(dense, 1)), ("b", _perturbed(dense, 2))], mode="bam", kv_sharing=True)
+    moe.save_pretrained(tmp_path / "moe")
+    AutoTokenizer.from_pretrained(tokenizer_dir).save_pretrained(tmp_path / "moe")
+    cfg = small_run_config(tmp_path / "run", shards, init="weights", **{**RUN, **{
+        "model": {"path": str(tmp_path / "moe")}, "train.precision": "bf16", "train.max_steps": 2,
+        "moe.z_loss_coef": 0.001}})
+    run = train(config_from_dict(cfg), progress=False)
+    events = metrics(run.path, "train")
+    assert all(math.isfinite(e["loss"]) and e["aux_loss"] > 0 for e in events)
+    final = AutoModelForCausalLM.from_pretrained(run.final)
+    assert final.config.z_loss_coef == 0.001 and final.lm_head.weight is final.get_input_embeddings().weight

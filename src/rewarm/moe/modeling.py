@@ -103,6 +103,11 @@ class MoEBackbone(nn.Module):
         except (TypeError, ValueError):
             self._cache_arg = "past_key_values"
 
+    @property
+    def layers(self) -> nn.ModuleList:
+        """The decoder blocks (FSDP shards one per block)."""
+        return self.inner.layers
+
     def moe_layers(self) -> list[TopKMoE]:
         return [m for m in self.inner.modules() if isinstance(m, TopKMoE)]
 
