@@ -227,6 +227,22 @@ def test_upcycle_runs_branches_mixes_and_trains_the_mixture(upcycled):
     # a second call finds everything done
     again = run_cli("upcycle", str(root / "plan.yaml"), "-q")
     assert again.returncode == 0 and "skipped (already finished)" in again.stdout
+    # the branches are independent: commands for a cluster instead
+    lines = run_cli("upcycle", str(root / "plan.yaml"), "--print-commands", "--nproc", "4").stdout.splitlines()
+    assert f"rewarm train {up / 'configs' / 'prose.yaml'}" in lines
+    assert f"torchrun --standalone --nproc_per_node 4 -m rewarm train {up / 'configs' / 'code.yaml'}" in lines
+    assert f"rewarm upcycle {root / 'plan.yaml'} --stage mix" in lines
+
+
+def test_the_example_plan_is_valid(tmp_path, monkeypatch):
+    from pathlib import Path
+
+    from rewarm.moe.upcycle import load_plan
+
+    monkeypatch.chdir(tmp_path)
+    plan = load_plan(Path(__file__).parents[1] / "configs" / "upcycle.yaml")
+    assert [b.name for b in plan.branches] == ["prose", "code"] and plan.upcycle["mode"] == "bam"
+    assert plan.moe_run().raw["moe"]["lbl_scope"] == "global_batch"
 
 
 def test_report_draws_the_routing_per_domain(upcycled, tmp_path):
