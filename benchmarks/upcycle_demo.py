@@ -9,7 +9,9 @@ the demo's tokenizer) and Python code. Every row trains on the same number of to
 - the MoE rows: three branches (B steps each, one per domain, shared by the rows), mixed, then M
   steps on the same mixture: BTX (FFN experts, attention averaged), BAM (FFN + attention experts),
   BAM with KV sharing — all with the micro-batch LBL — and BAM with the global-batch LBL.
-Micro-batches of 4 sequences (4 per step), so the two LBL scopes see different token counts.
+Micro-batches of 4 sequences (4 per step), so the two LBL scopes see different token counts; then
+the same with one sequence per micro-batch (each micro-batch one domain, where Qiu et al. say the
+micro-batch LBL suppresses specialisation), at lbl_coef 0.01 and 0.1.
 Prints held-out loss per domain and the mean, the routing entropy per domain (bits, mean over
 layers; log2(3) = 1.585 is no preference), training tokens/s and wall time; writes results.json.
 """
@@ -101,12 +103,17 @@ def main() -> None:
     variants = {
         "btx": {"mode": "btx"}, "bam": {"mode": "bam"}, "bam_kv": {"mode": "bam", "kv_sharing": True},
         "bam_global": {"mode": "bam", "scope": "global_batch"},
+        # one sequence per micro-batch: each micro-batch is one domain, where the scopes should part
+        "bam_mb1": {"mode": "bam", "micro_batch": 1}, "bam_mb1_global": {"mode": "bam", "micro_batch": 1, "scope": "global_batch"},
+        "bam_mb1_lbl0.1": {"mode": "bam", "micro_batch": 1, "lbl_coef": 0.1},
+        "bam_mb1_lbl0.1_global": {"mode": "bam", "micro_batch": 1, "scope": "global_batch", "lbl_coef": 0.1},
     }
     for name, v in variants.items():
         plan = {"out_dir": str(out / name), "base": base_config(demo, data, b, args.threads),
                 "branches": [{"name": d, "data": str(p)} for d, p in data.items()],
                 "upcycle": {"mode": v["mode"], "kv_sharing": v.get("kv_sharing", False), "top_k": 2},
-                "moe_run": {"set": {"train.max_steps": m, "moe.lbl_scope": v.get("scope", "micro_batch")}}}
+                "moe_run": {"set": {"train.max_steps": m, "moe.lbl_scope": v.get("scope", "micro_batch"),
+                                    "train.micro_batch": v.get("micro_batch", 4), "moe.lbl_coef": v.get("lbl_coef", 0.01)}}}
         if name != "btx":  # the branches are shared: trained once (in btx/branches)
             (out / name).mkdir(parents=True, exist_ok=True)
             link = out / name / "branches"

@@ -122,8 +122,11 @@ def test_capacity_drops_and_counts_what_overflows():
     layer.capacity_factor = 0.5  # each expert takes at most a quarter of the 64 tokens: 16
     x = torch.randn(64, 8)
     x[:, 0] = 1.0
-    layer(x)
+    y = layer(x)
     assert layer.stats()["dropped"] == pytest.approx((64 - 16) / 64)
+    assert torch.count_nonzero(y.abs().sum(-1)) == 16  # the dropped tokens got nothing from the FFN
+    layer.eval()  # evaluation and generation never drop: a token's output does not depend on its batch
+    assert torch.allclose(layer(x)[40:], layer(x[40:]))
 
 
 def test_micro_batch_scope_differs_from_global_on_a_batch_built_to_differ():
@@ -227,11 +230,15 @@ def test_upcycle_runs_branches_mixes_and_trains_the_mixture(upcycled):
     # a second call finds everything done
     again = run_cli("upcycle", str(root / "plan.yaml"), "-q")
     assert again.returncode == 0 and "skipped (already finished)" in again.stdout
-    # the branches are independent: commands for a cluster instead
+    assert len(routing["sets"]["upstream"]["attention_share"]) == 2  # BAM: the attention router's weights too
+    # the branches are independent: one command each for a cluster instead
     lines = run_cli("upcycle", str(root / "plan.yaml"), "--print-commands", "--nproc", "4").stdout.splitlines()
-    assert f"rewarm train {up / 'configs' / 'prose.yaml'}" in lines
-    assert f"torchrun --standalone --nproc_per_node 4 -m rewarm train {up / 'configs' / 'code.yaml'}" in lines
+    assert lines[:2] == [f"torchrun --standalone --nproc_per_node 4 -m rewarm train {up / 'configs' / n}.yaml"
+                         for n in ("prose", "code")]
     assert f"rewarm upcycle {root / 'plan.yaml'} --stage mix" in lines
+    assert lines[-1].startswith(f"rewarm upcycle {root / 'plan.yaml'} --stage moe")
+    plain = run_cli("upcycle", str(root / "plan.yaml"), "--print-commands").stdout.splitlines()
+    assert plain[0] == f"rewarm train {up / 'configs' / 'prose.yaml'}" and not any("torchrun" in x for x in plain)
 
 
 def test_the_example_plan_is_valid(tmp_path, monkeypatch):
@@ -320,12 +327,47 @@ def test_upcycle_refuses_bad_plans_and_unlike_branches(upcycled, tmp_path, shard
     refused(lambda p: p["branches"][1].update(name="prose"), "used twice")
     refused(lambda p: p["moe_run"]["set"].update({"moe.lbl_scope": "global"}), "moe.lbl_scope", "micro_batch, global_batch")
     refused(lambda p: p.update(stray=1), "unknown top-level keys")
+    refused(lambda p: p.update(moe_run=[1]), "`moe_run` must be a mapping")
+    refused(lambda p: p["branches"][0].update(set=[1]), "`branches[0].set` must be a mapping")
+    refused(lambda p: p["branches"][0].update(data=5), "`data` must be a prepared directory")
+    refused(lambda p: p["upcycle"].update(top_k=True), "upcycle.top_k must be an integer")
+    refused(lambda p: p["upcycle"].update(seed_expert="yes"), "upcycle.seed_expert must be true or false")
+    refused(lambda p: p["upcycle"].update(router_init_std=-1), "router_init_std must be a number in [0, 10)")
+    refused(lambda p: p.update(out_dir=5), "`out_dir` must be a directory path")
+    refused(lambda p: p["base"]["model"].update(path=str(tmp_path / "nope")), "the dense seed model", "does not exist")
+    refused(lambda p: p["base"]["data"].update(eval=[]), "has no eval sets")
+    refused(lambda p: p["branches"][0].update(data=[{"name": "x", "path": str(shards["upstream"]), "weight": 0}]),
+            "weights must sum to > 0")
+    # an edited plan does not silently keep what the old one made
+    changed = json.loads(json.dumps(plan))
+    changed["upcycle"]["mode"] = "btx"
+    assert_user_error(run_cli("upcycle", str(write_config(tmp_path / "changed.yaml", changed)), "-q"),
+                      "was mixed with other settings", "mode: 'bam'")
+    longer = json.loads(json.dumps(plan))
+    longer["moe_run"]["set"]["moe.lbl_coef"] = 0.5
+    assert_user_error(run_cli("upcycle", str(write_config(tmp_path / "longer.yaml", longer)), "-q"),
+                      "the plan changed run `moe`, which already finished", "moe.lbl_coef")
     # a branch from another architecture: mixing names the parameter that differs (exit 2)
     import shutil
+
+    gone = tmp_path / "gone"  # the mixed model deleted, its mixture run kept: not re-mixed under the run's feet
+    shutil.copytree(root / "up", gone)
+    shutil.rmtree(gone / "moe_model")
+    saved = gone / "moe" / "config.yaml"  # as if made there: its model.path is the copy's
+    saved.write_text(saved.read_text().replace(str(root / "up"), str(gone)))
+    moved = json.loads(json.dumps(plan))
+    moved["out_dir"] = str(gone)
+    assert_user_error(run_cli("upcycle", str(write_config(tmp_path / "gone.yaml", moved)), "--stage", "mix", "-q"),
+                      "holds a mixture run trained on an earlier mix")
+    shutil.rmtree(gone / "moe")
+    shutil.rmtree(gone / "branches" / "prose" / "final")
+    assert_user_error(run_cli("upcycle", str(tmp_path / "gone.yaml"), "--stage", "mix", "-q"),
+                      "branch `prose` finished but its model", "--overwrite")
 
     other = tmp_path / "other"
     shutil.copytree(root / "up", other)
     shutil.rmtree(other / "moe_model")
+    shutil.rmtree(other / "moe")
     for f in ("config.json", "model.safetensors"):
         shutil.copy(root / "seed" / "final" / f, other / "branches" / "code" / "final" / f)
     wide = AutoModelForCausalLM.from_pretrained(other / "branches" / "code" / "final")

@@ -164,13 +164,13 @@ def replay_table(runs: list[RunData], up: str = "upstream", down: str = "downstr
 def plot_routing(runs: list[RunData], out: Path) -> Path | None:
     """Mixture-of-experts runs (routing.json): per layer, the share of each eval set's token
     assignments that each expert receives — a row per run, a panel per layer."""
-    with_routing = [r for r in runs if r.routing.get("sets")]
+    with_routing = [r for r in runs if r.routing.get("sets") and all(s.get("share") for s in r.routing["sets"].values())]
     if not with_routing:
         return None
     plt = _pyplot()
     n_layers = max(len(next(iter(r.routing["sets"].values()))["share"]) for r in with_routing)
-    fig, axes = plt.subplots(len(with_routing), n_layers, squeeze=False,
-                             figsize=(2.2 * n_layers + 1.5, 0.6 + 1.8 * len(with_routing)))
+    fig, axes = plt.subplots(len(with_routing), n_layers, squeeze=False, layout="constrained",
+                             figsize=(2.4 * n_layers + 2.0, 1.0 + 2.2 * len(with_routing)))
     for row, r in enumerate(with_routing):
         sets = list(r.routing["sets"])
         experts = r.routing.get("experts") or []
@@ -185,7 +185,7 @@ def plot_routing(runs: list[RunData], out: Path) -> Path | None:
             ax.set_xticks(range(len(grid[0]) if grid else 0), experts[: len(grid[0])] if grid else [], rotation=45, fontsize=7)
             ax.set_yticks(range(len(sets)), sets if layer == 0 else [""] * len(sets), fontsize=7)
             ax.set_title(f"{r.name}: layer {layer}" if layer == 0 else f"layer {layer}", fontsize=8)
-    fig.colorbar(im, ax=axes, shrink=0.6, label="share of the set's assignments")
+    fig.colorbar(im, ax=axes, shrink=0.8, label="share of the set's assignments")
     fig.suptitle("Expert routing per eval set (rows: eval sets, columns: FFN experts)")
     path = save_figure(fig, out)
     plt.close(fig)
@@ -194,16 +194,23 @@ def plot_routing(runs: list[RunData], out: Path) -> Path | None:
 
 def routing_table(runs: list[RunData]) -> tuple[list[str], list[list[str]]]:
     """Per MoE run and eval set: the routing distribution's entropy (mean over layers) and its most-used expert."""
+    def top(shares: list, experts: list) -> str:
+        if not shares or not shares[0]:
+            return "–"
+        totals = [sum(layer[j] for layer in shares) / len(shares) for j in range(len(shares[0]))]
+        best = max(range(len(totals)), key=totals.__getitem__)
+        return f"{experts[best] if best < len(experts) else best} ({totals[best]:.2f})"
+
     rows = []
     for r in runs:
         experts = r.routing.get("experts") or []
         for name, s in r.routing.get("sets", {}).items():
-            totals = [sum(layer[j] for layer in s["share"]) / len(s["share"]) for j in range(len(s["share"][0]))]
-            top = max(range(len(totals)), key=totals.__getitem__)
-            label = experts[top] if top < len(experts) else str(top)
+            if not s.get("share"):
+                continue
             rows.append([r.name, name, f"{s['mean_entropy_bits']:.3f}", f"{r.routing.get('max_entropy_bits', float('nan')):.3f}",
-                         f"{label} ({totals[top]:.2f})"])
-    return ["run", "eval set", "routing entropy (bits, mean over layers)", "no preference", "most-used expert (share)"], rows
+                         top(s["share"], experts), top(s.get("attention_share") or [], experts)])
+    return ["run", "eval set", "FFN routing entropy (bits, mean over layers)", "no preference",
+            "most-used FFN expert (share)", "most-weighted attention expert (mean weight)"], rows
 
 
 def plot_lrs(runs: list[RunData], out: Path) -> Path:

@@ -163,4 +163,8 @@ def find_runs(paths: list[str]) -> list[RunData]:
             found.extend(RunData.load(d) for d in subs)
         else:
             raise UserError(f"{p} does not exist. Pass run directories or a sweep directory.")
+    names = [r.name for r in found]
+    for r in found:  # runs of the same name from different places (e.g. each upcycle plan's `moe`): parent/name
+        if names.count(r.name) > 1:
+            r.name = f"{r.path.parent.name}/{r.path.name}"
     return found

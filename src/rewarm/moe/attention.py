@@ -46,7 +46,10 @@ class MixtureOfAttention(nn.Module):
         self.num_key_value_groups = (experts * heads) // (kv_sets * kv_heads)  # read by HF's attention functions
         self.scaling = head_dim ** -0.5
         self.is_causal = True
-        self.attention_dropout = 0.0
+        self.attention_dropout = float(getattr(config, "attention_dropout", 0.0) or 0.0)
+        self.record_routing = False  # eval: accumulate the router's mean weights (rewarm.moe.specialisation)
+        self.routing_sum: torch.Tensor | None = None
+        self.routing_tokens = 0
 
     def forward(self, hidden_states: torch.Tensor, attention_mask: torch.Tensor | None = None,
                 position_embeddings: tuple[torch.Tensor, torch.Tensor] | None = None, **kwargs):
@@ -63,15 +66,20 @@ class MixtureOfAttention(nn.Module):
         if self.kv_shared:  # query heads in (kv head, expert, head-in-group) order: each kv head's group is contiguous
             q = q.view(b, n, g, h // g, t, d).transpose(1, 2).reshape(b, n * h, t, d)
         attend = ALL_ATTENTION_FUNCTIONS.get_interface(self.config._attn_implementation, _eager)
-        out, _ = attend(self, q, k, v, attention_mask, scaling=self.scaling, dropout=0.0)  # (b, t, heads, d)
+        out, _ = attend(self, q, k, v, attention_mask, scaling=self.scaling,
+                        dropout=self.attention_dropout if self.training else 0.0)  # (b, t, heads, d)
         if self.kv_shared:
             out = out.reshape(b, t, g, n, h // g, d).transpose(2, 3)
         out = out.reshape(b, t, n, h * d)
         y = torch.einsum("btnf,nof->btno", out, self.o_weight.to(out.dtype))
         if self.o_bias is not None:
             y = y + self.o_bias.view(n, -1).to(y.dtype)
-        r = self.router(hidden_states).float().softmax(dim=-1).to(y.dtype)
-        return (y * r.unsqueeze(-1)).sum(dim=2), None
+        r = self.router(hidden_states).float().softmax(dim=-1)
+        if self.record_routing and not self.training:
+            total = r.detach().reshape(-1, n).sum(0)
+            self.routing_sum = total if self.routing_sum is None else self.routing_sum + total
+            self.routing_tokens += b * t
+        return (y * r.to(y.dtype).unsqueeze(-1)).sum(dim=2), None
 
 
 def _eager(module, q, k, v, mask, scaling, dropout=0.0, **kwargs):

@@ -26,7 +26,8 @@ class TopKMoE(nn.Module):
     """A mixture of FFN experts: each token goes to its k most probable experts; their outputs are
     mixed with the top-k probabilities renormalised to sum to 1 (so N identical experts compute the
     dense FFN exactly, whatever the router says). With a capacity factor c, an expert takes at most
-    ceil(c · k · T / N_E) tokens of a forward (the first ones in order); the rest skip it."""
+    ceil(c · k · T / N_E) tokens of a training forward (the first ones in order); the rest skip it.
+    Evaluation and generation never drop a token: a token's output must not depend on its batch."""
 
     def __init__(self, experts: list[nn.Module], hidden_size: int, top_k: int):
         super().__init__()
@@ -68,7 +69,7 @@ class TopKMoE(nn.Module):
         logits, probs, chosen, weights = self.route(flat)
         counts = torch.bincount(chosen.flatten(), minlength=self.num_experts)
         capacity = math.ceil(self.capacity_factor * self.top_k * flat.shape[0] / self.num_experts) \
-            if self.capacity_factor > 0 else None
+            if self.capacity_factor > 0 and self.training else None
         out = torch.zeros_like(flat)
         dropped = 0
         for e, expert in enumerate(self.experts):

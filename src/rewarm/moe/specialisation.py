@@ -16,8 +16,12 @@ from rewarm.fused_loss import autocast
 
 @torch.no_grad()
 def routing_by_domain(model, eval_sets, device: torch.device, precision: str = "fp32", batch: int = 8) -> dict:
-    """{set name: {"share": [[per expert] per layer], "entropy_bits": [per layer], "mean_entropy_bits"}}."""
+    """{set name: {"share": [[per expert] per layer], "entropy_bits": [per layer], "mean_entropy_bits",
+    and for BAM "attention_share": the attention router's mean weight per expert, per layer}}."""
+    from rewarm.moe.attention import MixtureOfAttention
+
     layers = model.moe_layers()
+    attention = [m for m in model.modules() if isinstance(m, MixtureOfAttention)]
     was_training = model.training
     model.eval()
     out: dict = {}
@@ -26,6 +30,8 @@ def routing_by_domain(model, eval_sets, device: torch.device, precision: str = "
             for m in layers:
                 m.reset_stats()
                 m.record_routing = True
+            for a in attention:
+                a.routing_sum, a.routing_tokens, a.record_routing = None, 0, True
             with autocast(device, precision):
                 for rows in es.windows.split(batch):
                     model.backbone(input_ids=rows[:, :-1].to(device), use_cache=False)
@@ -34,10 +40,15 @@ def routing_by_domain(model, eval_sets, device: torch.device, precision: str = "
             out[es.name] = {"share": [[round(p, 4) for p in s] for s in shares],
                             "entropy_bits": [round(h, 4) for h in entropy],
                             "mean_entropy_bits": round(sum(entropy) / len(entropy), 4), "tokens": es.tokens}
+            if attention:
+                out[es.name]["attention_share"] = [[round(float(x), 4) for x in a.routing_sum / a.routing_tokens]
+                                                   for a in attention]
     finally:
         for m in layers:
             m.record_routing = False
             m.reset_stats()
+        for a in attention:
+            a.record_routing, a.routing_sum, a.routing_tokens = False, None, 0
         model.train(was_training)
     return out
 
