@@ -187,6 +187,19 @@ def _cmd_downstream(args: argparse.Namespace) -> int:
     device = torch.device("cuda" if torch.cuda.is_available() and not args.cpu else "cpu")
     model.to(device)
     settings = {"limit": args.limit, "num_fewshot": args.num_fewshot, "batch": args.batch, "max_length": args.max_length}
+    if args.prompt:  # soft prompts before every input (rewarm.repair): one, or IDP among several
+        from rewarm.repair.run import downstream_with_prompts, write_prompted
+
+        results, prompted = downstream_with_prompts(
+            model, tok, names, args.prompt, limit=args.limit, num_fewshot=args.num_fewshot, batch=args.batch,
+            max_length=args.max_length, samples_out=Path(args.samples) if args.samples else None)
+        out = Path(args.output) if args.output else Path(args.model_dir) / f"downstream_{prompted['mode']}_prompt.json"
+        write_prompted(out, args.model_dir, results, settings, prompted)
+        print(format_downstream_table(results))
+        for task, counts in prompted["chosen_prompts"].items():
+            print(f"chosen prompts, {task}: " + ", ".join(f"{name} {n}" for name, n in counts.items()))
+        print(f"downstream results ({prompted['mode']} prompt): {out}")
+        return 0
     results = run_tasks(model, tok, names, limit=args.limit, num_fewshot=args.num_fewshot, batch_size=args.batch,
                         max_length=args.max_length, samples_out=Path(args.samples) if args.samples else None)
     out = record(Path(args.model_dir), results, settings, Path(args.output) if args.output else None, context)
@@ -540,6 +553,36 @@ def _cmd_upcycle(args: argparse.Namespace) -> int:
     return 0
 
 
+def _cmd_compress(args: argparse.Namespace) -> int:
+    from rewarm.model_store import resolve
+    from rewarm.repair.run import compress_model
+
+    r = compress_model(resolve(args.model_dir, "model_dir"), args.output, args.method, sparsity=args.sparsity,
+                       pattern=args.pattern, bits=args.bits, group=args.group, calib=args.calib,
+                       calib_tokens=args.calib_tokens, seq_len=args.seq_len, progress=not args.quiet)
+    what = (f"{r['bits']}-bit round-to-nearest, groups of {r['group']} (largest error {r['max_abs_error']:.3g})"
+            if r["method"] == "rtn" else f"{r['method']} pruning, {r['pattern']}: {100 * r['achieved_sparsity']:.2f}% of "
+                                         f"the block weights are zero")
+    print(f"compressed {args.model_dir} → {args.output}: {what} ({r['matrices']} matrices)")
+    return 0
+
+
+def _cmd_repair_prompt(args: argparse.Namespace) -> int:
+    from rewarm.model_store import resolve
+    from rewarm.repair.run import make_prompt
+
+    name, _, path = args.data.partition("=")
+    if not path:
+        raise UserError(f"--data must be NAME=SHARDS (a prepared directory), got {args.data!r}.")
+    info = make_prompt(resolve(args.model_dir, "model_dir"), path, args.output, name=name,
+                       virtual_tokens=args.virtual_tokens, steps=args.steps, batch=args.batch, seq_len=args.seq_len,
+                       lr=args.lr, seed=args.seed, progress=not args.quiet)
+    print(f"soft prompt of {info['virtual_tokens']} tokens → {args.output}: held-out loss on {name} "
+          f"{info['held_out_loss_without']:.4f} without, {info['held_out_loss_with']:.4f} with ({info['seconds']:.0f} s, "
+          f"{info['tokens']:,} training tokens)")
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="rewarm", description="Continual pre-training of language models.")
     p.add_argument("-v", "--verbose", action="store_true", help="debug logging")
@@ -627,6 +670,9 @@ def build_parser() -> argparse.ArgumentParser:
     ds.add_argument("-o", "--output", help="results JSON (default MODEL_DIR/downstream.json)")
     ds.add_argument("--samples", metavar="JSONL", help="also write lm-eval's per-sample log-likelihoods here")
     ds.add_argument("--cpu", action="store_true")
+    ds.add_argument("--prompt", action="append", metavar="DIR",
+                    help="a soft prompt (`rewarm repair prompt`) before every input; give several for inference-time "
+                         "dynamic prompting (IDP: each input picks one)")
     ds.set_defaults(func=_cmd_downstream)
 
     ta = sub.add_parser("tasks", help="offline data for downstream tasks").add_subparsers(dest="tasks_command", required=True)
@@ -748,6 +794,36 @@ def build_parser() -> argparse.ArgumentParser:
     li.add_argument("config", help="a run config (model.path = the teacher, data, train, eval) with a `linearize:` section")
     li.add_argument("-q", "--quiet", action="store_true", help="no progress bars")
     li.set_defaults(func=_cmd_linearize)
+
+    co = sub.add_parser("compress", help="prune (magnitude, Wanda; unstructured or N:M) or quantize (round-to-nearest) "
+                                          "a model, stored dense so every command runs on it")
+    co.add_argument("model_dir", help="HF model directory or an installed model's name")
+    co.add_argument("-o", "--output", required=True, help="the compressed model's directory (must not exist)")
+    co.add_argument("--method", required=True, choices=("magnitude", "wanda", "rtn"))
+    co.add_argument("--sparsity", type=float, default=0.5, help="pruning: share of weights set to zero, in [0, 1)")
+    co.add_argument("--pattern", default="unstructured", help="pruning: unstructured or N:M, e.g. 2:4")
+    co.add_argument("--bits", type=int, default=4, help="rtn: bits per weight (>= 2)")
+    co.add_argument("--group", type=int, default=128, help="rtn: weights per quantization group (along the input)")
+    co.add_argument("--calib", help="wanda: a prepared directory whose training text gives the input activations")
+    co.add_argument("--calib-tokens", type=int, default=16384, help="wanda: calibration tokens")
+    co.add_argument("--seq-len", type=int, default=512, help="wanda: calibration window length")
+    co.add_argument("-q", "--quiet", action="store_true", help="no progress bars")
+    co.set_defaults(func=_cmd_compress)
+
+    rr = sub.add_parser("repair", help="repair a compressed model without touching its weights: soft prompts, IDP, "
+                                       "and the comparison with re-training").add_subparsers(dest="repair_command", required=True)
+    rpp = rr.add_parser("prompt", help="train a soft prompt (only its P virtual tokens train) on a prepared directory")
+    rpp.add_argument("model_dir", help="the (compressed) model the prompt is for")
+    rpp.add_argument("--data", required=True, metavar="NAME=SHARDS", help="a prepared directory to train on")
+    rpp.add_argument("-o", "--output", required=True, help="the prompt's directory (must not exist)")
+    rpp.add_argument("--virtual-tokens", type=int, default=16, help="prompt length P")
+    rpp.add_argument("--steps", type=int, default=200)
+    rpp.add_argument("--batch", type=int, default=8)
+    rpp.add_argument("--seq-len", type=int, default=256)
+    rpp.add_argument("--lr", type=float, default=3e-3)
+    rpp.add_argument("--seed", type=int, default=0)
+    rpp.add_argument("-q", "--quiet", action="store_true", help="no progress bars")
+    rpp.set_defaults(func=_cmd_repair_prompt)
 
     up = sub.add_parser("upcycle", help="branch a dense model into domain experts and mix them into a mixture of "
                                         "experts (BAM / BTX), then train it")

