@@ -166,3 +166,44 @@ def test_a_soft_prompt_trains_alone_and_idp_chooses_deterministically(pruned, sh
 
     with pytest.raises(UserError, match="trained for another model"):
         load_prompt(outs[0], base)
+
+
+@pytest.fixture(scope="module")
+def task_data():
+    from rewarm.downstream import tasks
+
+    if not tasks.is_installed():
+        proc = run_cli("tasks", "install", timeout=900)
+        assert proc.returncode == 0, proc.stderr[-3000:]
+    return tasks.tasks_dir()
+
+
+def test_downstream_through_one_prompt_and_through_idp(pruned, shards, tmp_path, task_data):
+    """`rewarm downstream --prompt`: a soft prompt before every input changes the scores; with two
+    prompts each question picks one (the histogram covers every question, the same choice twice)."""
+    model_dir = pruned / "wanda"
+    dirs = []
+    for name, seed in (("code", 0), ("prose", 1)):
+        data = shards["downstream" if name == "code" else "upstream"]
+        assert run_cli("repair", "prompt", str(model_dir), "--data", f"{name}={data}", "-o", str(tmp_path / name),
+                       "--virtual-tokens", "4", "--steps", "4", "--batch", "4", "--seq-len", "32", "--lr", "0.05",
+                       "--seed", str(seed), "-q").returncode == 0
+        dirs.append(str(tmp_path / name))
+    plain = run_cli("downstream", str(model_dir), "--tasks", "arc_easy", "--limit", "6", "--batch", "4", "-o",
+                    str(tmp_path / "plain.json"), "--cpu")
+    assert plain.returncode == 0, plain.stderr[-2000:]
+    single = run_cli("downstream", str(model_dir), "--tasks", "arc_easy", "--limit", "6", "--batch", "4",
+                     "--prompt", dirs[0], "-o", str(tmp_path / "single.json"), "--cpu")
+    assert single.returncode == 0, single.stderr[-2000:]
+    idp = [run_cli("downstream", str(model_dir), "--tasks", "arc_easy", "--limit", "6", "--batch", "4",
+                   "--prompt", dirs[0], "--prompt", dirs[1], "-o", str(tmp_path / f"idp{i}.json"), "--cpu")
+           for i in range(2)]
+    assert all(p.returncode == 0 for p in idp), idp[0].stderr[-2000:]
+    a, s = (json.loads((tmp_path / f).read_text()) for f in ("plain.json", "single.json"))
+    assert s["prompting"]["mode"] == "single" and s["tasks"]["arc_easy"]["n"] == 6
+    assert s["tasks"]["arc_easy"]["logp_gold"] != a["tasks"]["arc_easy"]["logp_gold"]
+    first, second = (json.loads((tmp_path / f"idp{i}.json").read_text()) for i in range(2))
+    hist = first["prompting"]["chosen_prompts"]["arc_easy"]
+    assert sum(hist.values()) == 6 and set(hist) <= {"code", "prose"}  # one choice per question
+    assert first["prompting"] == second["prompting"] and first["tasks"] == second["tasks"]  # deterministic
+    assert "chosen prompts, arc_easy:" in idp[0].stdout

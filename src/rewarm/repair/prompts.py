@@ -79,7 +79,7 @@ def train_prompt(model: torch.nn.Module, train: np.ndarray, val: np.ndarray, *, 
         opt.zero_grad(set_to_none=True)
         loss.backward()
         opt.step()
-        losses.append(float(loss))
+        losses.append(float(loss.detach()))
         bar.set_postfix(loss=f"{losses[-1]:.3f}")
     with torch.no_grad():
         after = float(prompted_loss(model, prompt, held_out))
