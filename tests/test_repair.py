@@ -67,6 +67,8 @@ def test_quantization_error_is_within_half_a_step_and_uses_2_to_the_k_levels(bit
     err = (deq - w).abs().reshape(6, 4, 16)
     assert (err <= step[..., None] / 2 + 1e-6).all()
     assert all(len(g.unique()) <= 2 ** bits for g in deq.reshape(-1, 16))
+    ragged, steps = quantize_rtn(w[:, :40], bits, 16)  # 40 inputs: groups of 16, 16 and the last 8
+    assert steps.shape == (6, 3) and ((ragged - w[:, :40]).abs()[:, 32:] <= steps[:, 2:] / 2 + 1e-6).all()
 
 
 def test_compress_cli_records_what_it_did(pruned, shards):
@@ -90,7 +92,7 @@ def test_bad_compress_inputs_exit_2(pruned, shards, tokenizer_dir, tmp_path):
     assert_user_error(run_cli("compress", base, "-o", out, "--method", "magnitude", "--sparsity", "1.0"), "[0, 1)")
     assert_user_error(run_cli("compress", base, "-o", out, "--method", "magnitude", "--sparsity", "-0.1"), "[0, 1)")
     assert_user_error(run_cli("compress", base, "-o", out, "--method", "rtn", "--bits", "1"), "between 2 and 16")
-    assert_user_error(run_cli("compress", base, "-o", out, "--method", "rtn", "--group", "7"), "does not divide")
+    assert_user_error(run_cli("compress", base, "-o", out, "--method", "rtn", "--group", "0"), "--group must be")
     assert_user_error(run_cli("compress", base, "-o", out, "--method", "wanda"), "--calib")
     assert_user_error(run_cli("compress", base, "-o", out, "--method", "magnitude", "--pattern", "4:2"), "0 < N < M")
     assert_user_error(run_cli("compress", base, "-o", str(pruned / "wanda"), "--method", "magnitude"), "already exists")

@@ -583,6 +583,15 @@ def _cmd_repair_prompt(args: argparse.Namespace) -> int:
     return 0
 
 
+def _cmd_repair_report(args: argparse.Namespace) -> int:
+    from rewarm.repair.report import load_spec, run_report
+
+    path = run_report(load_spec(args.spec), progress=not args.quiet)
+    print(path.read_text())
+    print(f"report: {path}")
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="rewarm", description="Continual pre-training of language models.")
     p.add_argument("-v", "--verbose", action="store_true", help="debug logging")
@@ -824,6 +833,11 @@ def build_parser() -> argparse.ArgumentParser:
     rpp.add_argument("--seed", type=int, default=0)
     rpp.add_argument("-q", "--quiet", action="store_true", help="no progress bars")
     rpp.set_defaults(func=_cmd_repair_prompt)
+    rrp = rr.add_parser("report", help="base vs compressed vs re-trained vs prompted vs IDP: held-out loss, tasks, compute")
+    rrp.add_argument("spec", help="a YAML spec: out_dir, base, eval, tasks, limit, compressed: [{name, model, retrained, "
+                                  "prompts}] (README: Compress, then repair)")
+    rrp.add_argument("-q", "--quiet", action="store_true", help="no progress bars")
+    rrp.set_defaults(func=_cmd_repair_report)
 
     up = sub.add_parser("upcycle", help="branch a dense model into domain experts and mix them into a mixture of "
                                         "experts (BAM / BTX), then train it")

@@ -10,13 +10,12 @@ the embeddings, norms or head), as in Wanda (Sun et al. 2024) and GPTQ-style stu
   computed by the already-pruned blocks before it, as Wanda does.
 - patterns: `unstructured` (the fraction `sparsity` of each row / matrix) or `N:M` (N zeros in every
   M consecutive input weights of a row, e.g. 2:4).
-- rtn: per output row, groups of `group` consecutive input weights; each group keeps its minimum m
-  and step s = (max − m) / (2^k − 1) and every weight becomes m + round((w − m)/s)·s: 2^k levels,
-  error at most s/2.
+- rtn: per output row, groups of `group` consecutive input weights (the last one shorter when they do
+  not divide); each group keeps its minimum m and step s = (max − m) / (2^k − 1) and every weight
+  becomes m + round((w − m)/s)·s: 2^k levels, error at most s/2.
 """
 from __future__ import annotations
 
-import math
 from dataclasses import dataclass
 
 import torch
@@ -90,17 +89,24 @@ def prune_scores(scores: torch.Tensor, sparsity: float, pattern: Pattern, per_ro
 
 @torch.no_grad()
 def quantize_rtn(w: torch.Tensor, bits: int, group: int) -> tuple[torch.Tensor, torch.Tensor]:
-    """(dequantized weights, each group's step s) for k-bit round-to-nearest in groups along the input."""
+    """(dequantized weights, each group's step s) for k-bit round-to-nearest in groups of `group`
+    consecutive inputs; when the inputs are not a multiple of `group` the last group of each row is
+    the shorter rest (SmolLM2's 576 inputs in groups of 128: 4 × 128 + 64)."""
     out_f, in_f = w.shape
-    if in_f % group:
-        raise UserError(f"--group {group} does not divide the {in_f} inputs of a {out_f}×{in_f} matrix; pick a divisor "
-                        f"(e.g. {math.gcd(in_f, 128)}).")
-    g = w.float().reshape(out_f, in_f // group, group)
-    lo, hi = g.amin(-1, keepdim=True), g.amax(-1, keepdim=True)
-    step = (hi - lo) / (2 ** bits - 1)
-    safe = torch.where(step > 0, step, torch.ones_like(step))
-    q = torch.round((g - lo) / safe).clamp_(0, 2 ** bits - 1)
-    return (lo + q * step).reshape(out_f, in_f).to(w.dtype), step.squeeze(-1)
+    full = (in_f // group) * group
+    parts = [(0, full, group)] if full else []
+    if full < in_f:
+        parts.append((full, in_f, in_f - full))
+    deq, steps = torch.empty_like(w), []
+    for start, end, size in parts:
+        g = w[:, start:end].float().reshape(out_f, (end - start) // size, size)
+        lo, hi = g.amin(-1, keepdim=True), g.amax(-1, keepdim=True)
+        step = (hi - lo) / (2 ** bits - 1)
+        safe = torch.where(step > 0, step, torch.ones_like(step))
+        q = torch.round((g - lo) / safe).clamp_(0, 2 ** bits - 1)
+        deq[:, start:end] = (lo + q * step).reshape(out_f, end - start).to(w.dtype)
+        steps.append(step.squeeze(-1))
+    return deq, torch.cat(steps, dim=1)
 
 
 class _StopForward(Exception):
