@@ -209,3 +209,34 @@ def test_downstream_through_one_prompt_and_through_idp(pruned, shards, tmp_path,
     assert sum(hist.values()) == 6 and set(hist) <= {"code", "prose"}  # one choice per question
     assert first["prompting"] == second["prompting"] and first["tasks"] == second["tasks"]  # deterministic
     assert "chosen prompts, arc_easy:" in idp[0].stdout
+
+
+def test_repair_report_compares_every_route(pruned, shards, tmp_path, task_data):
+    from rewarm.config import config_from_dict
+    from rewarm.train import train
+
+    model_dir = pruned / "wanda"
+    run = train(config_from_dict(small_run_config(tmp_path / "re", shards, init="weights", **{
+        "model": {"path": str(model_dir)}, "train.keep_sparsity": True, "train.max_steps": 2, "eval.interval": 2,
+        "schedule.warmup": 1, "checkpoint.interval": 0})), progress=False)
+    prompts = []
+    for name in ("code", "prose"):
+        data = shards["downstream" if name == "code" else "upstream"]
+        assert run_cli("repair", "prompt", str(model_dir), "--data", f"{name}={data}", "-o", str(tmp_path / name),
+                       "--virtual-tokens", "4", "--steps", "2", "--batch", "2", "--seq-len", "32", "-q").returncode == 0
+        prompts.append(str(tmp_path / name))
+    spec = {"out_dir": str(tmp_path / "report"), "base": str(pruned / "base" / "final"),
+            "eval": [{"name": n, "path": str(p)} for n, p in shards.items()], "tasks": ["arc_easy"], "limit": 4,
+            "seq_len": 32, "eval_tokens": 256, "batch": 4,
+            "compressed": [{"name": "wanda", "model": str(model_dir), "retrained": [str(run.path)], "prompts": prompts}]}
+    proc = run_cli("repair", "report", str(write_config(tmp_path / "spec.yaml", spec)), "-q")
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    results = json.loads((tmp_path / "report" / "results.json").read_text())
+    assert list(results) == ["base", "wanda", "wanda+retrain:re", "wanda+prompt:code", "wanda+idp"]
+    assert results["wanda+retrain:re"]["tokens_trained"] == 2 * 8 * 32
+    assert results["wanda"]["held_out"]["downstream"] != results["base"]["held_out"]["downstream"]
+    assert sum(results["wanda+idp"]["prompting"]["chosen_prompts"]["arc_easy"].values()) == 4
+    text = (tmp_path / "report" / "report.md").read_text()
+    assert "| wanda+idp |" in text and "IDP's choices" in text
+    bad = dict(spec, compressed=[{"name": "x", "model": str(model_dir), "retrained": [str(tmp_path / "nope")]}])
+    assert_user_error(run_cli("repair", "report", str(write_config(tmp_path / "bad.yaml", bad))), "not a finished run")
