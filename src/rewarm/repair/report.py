@@ -193,5 +193,6 @@ def markdown(results: dict, spec: dict) -> str:
     hist = {k: r["prompting"]["chosen_prompts"] for k, r in results.items() if (r.get("prompting") or {}).get("mode") == "idp"}
     if hist:
         lines += ["", "IDP's choices (questions per prompt): "
-                  + "; ".join(f"{k}: " + ", ".join(f"{t} {c}" for t, c in h.items()) for k, h in hist.items())]
+                  + "; ".join(f"{k}: " + ", ".join(f"{t} (" + ", ".join(f"{p} {n}" for p, n in c.items()) + ")"
+                                                     for t, c in h.items()) for k, h in hist.items())]
     return "\n".join(lines) + "\n"
