@@ -82,8 +82,11 @@ def test_compress_cli_records_what_it_did(pruned, shards):
     assert json.loads((out / "compression.json").read_text())["record"]["calibration_tokens"] == 2048
     proc = run_cli("compress", str(out), "-o", str(pruned / "rtn3"), "--method", "rtn", "--bits", "3", "--group", "16")
     assert proc.returncode == 0, proc.stderr[-2000:]
-    twice = AutoModelForCausalLM.from_pretrained(pruned / "rtn3").config.rewarm_compression
-    assert [r["method"] for r in twice] == ["wanda", "rtn"]  # compressions stack, each recorded
+    twice = AutoModelForCausalLM.from_pretrained(pruned / "rtn3")
+    assert [r["method"] for r in twice.config.rewarm_compression] == ["wanda", "rtn"]  # stacked, each recorded
+    for ls in block_linears(twice):  # quantizing keeps the pruned zeros
+        for _, lin in ls:
+            assert ((lin.weight == 0).sum(1) >= lin.in_features // 2).all()
 
 
 def test_bad_compress_inputs_exit_2(pruned, shards, tokenizer_dir, tmp_path):
@@ -95,6 +98,12 @@ def test_bad_compress_inputs_exit_2(pruned, shards, tokenizer_dir, tmp_path):
     assert_user_error(run_cli("compress", base, "-o", out, "--method", "rtn", "--group", "0"), "--group must be")
     assert_user_error(run_cli("compress", base, "-o", out, "--method", "wanda"), "--calib")
     assert_user_error(run_cli("compress", base, "-o", out, "--method", "magnitude", "--pattern", "4:2"), "0 < N < M")
+    assert_user_error(run_cli("compress", base, "-o", out, "--method", "magnitude", "--pattern", "2:4", "--sparsity", "0.9"),
+                      "fixes the sparsity")
+    assert_user_error(run_cli("compress", base, "-o", out, "--method", "rtn", "--calib", str(shards["downstream"])),
+                      "--calib is read by --method wanda only")
+    assert_user_error(run_cli("compress", base, "-o", out, "--method", "wanda", "--calib", str(shards["downstream"]),
+                              "--seq-len", "5000"), "positions")
     assert_user_error(run_cli("compress", base, "-o", str(pruned / "wanda"), "--method", "magnitude"), "already exists")
     # calibration data made with another tokenizer
     from rewarm.data.prepare import prepare
@@ -209,6 +218,10 @@ def test_downstream_through_one_prompt_and_through_idp(pruned, shards, tmp_path,
     assert sum(hist.values()) == 6 and set(hist) <= {"code", "prose"}  # one choice per question
     assert first["prompting"] == second["prompting"] and first["tasks"] == second["tasks"]  # deterministic
     assert "chosen prompts, arc_easy:" in idp[0].stdout
+    assert_user_error(run_cli("downstream", str(model_dir), "--tasks", "arc_easy", "--prompt", dirs[0], "--prompt", dirs[0]),
+                      "the same prompt is given twice")
+    assert_user_error(run_cli("downstream", str(model_dir), "--tasks", "arc_easy,triviaqa", "--prompt", dirs[0]),
+                      "triviaqa generate text")
 
 
 def test_repair_report_compares_every_route(pruned, shards, tmp_path, task_data):
@@ -227,16 +240,29 @@ def test_repair_report_compares_every_route(pruned, shards, tmp_path, task_data)
         prompts.append(str(tmp_path / name))
     spec = {"out_dir": str(tmp_path / "report"), "base": str(pruned / "base" / "final"),
             "eval": [{"name": n, "path": str(p)} for n, p in shards.items()], "tasks": ["arc_easy"], "limit": 4,
-            "seq_len": 32, "eval_tokens": 256, "batch": 4,
+            "seq_len": 32, "eval_tokens": 256, "batch": 4, "precision": "bf16",  # prompts checked before the cast
             "compressed": [{"name": "wanda", "model": str(model_dir), "retrained": [str(run.path)], "prompts": prompts}]}
     proc = run_cli("repair", "report", str(write_config(tmp_path / "spec.yaml", spec)), "-q")
     assert proc.returncode == 0, proc.stderr[-3000:]
-    results = json.loads((tmp_path / "report" / "results.json").read_text())
+    full = json.loads((tmp_path / "report" / "results.json").read_text())
+    results = full["routes"]
     assert list(results) == ["base", "wanda", "wanda+retrain:re", "wanda+prompt:code", "wanda+idp"]
     assert results["wanda+retrain:re"]["tokens_trained"] == 2 * 8 * 32
     assert results["wanda"]["held_out"]["downstream"] != results["base"]["held_out"]["downstream"]
     assert sum(results["wanda+idp"]["prompting"]["chosen_prompts"]["arc_easy"].values()) == 4
     text = (tmp_path / "report" / "report.md").read_text()
     assert "| wanda+idp |" in text and "IDP's choices" in text
-    bad = dict(spec, compressed=[{"name": "x", "model": str(model_dir), "retrained": [str(tmp_path / "nope")]}])
-    assert_user_error(run_cli("repair", "report", str(write_config(tmp_path / "bad.yaml", bad))), "not a finished run")
+    again = run_cli("repair", "report", str(tmp_path / "spec.yaml"), "-q")  # every route reused
+    assert again.returncode == 0 and json.loads((tmp_path / "report" / "results.json").read_text()) == full
+
+    def refused(change, needle):
+        bad = json.loads(json.dumps(spec))
+        change(bad)
+        assert_user_error(run_cli("repair", "report", str(write_config(tmp_path / "bad.yaml", bad))), needle)
+
+    refused(lambda b: b["compressed"][0].update(retrained=[str(tmp_path / "nope")]), "not a finished run")
+    refused(lambda b: b.update(limit=8), "numbers made with other settings")
+    refused(lambda b: b["compressed"][0].update(name="base"), "reserved `base`")
+    refused(lambda b: b.update(tasks="arc_easy"), "`tasks` must be a list")
+    refused(lambda b: b.update(batch=0), "`batch` must be a positive integer")
+    refused(lambda b: b["compressed"][0].update(typo=1), "each `compressed` entry is")

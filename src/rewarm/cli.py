@@ -175,6 +175,13 @@ def _cmd_downstream(args: argparse.Namespace) -> int:
         raise UserError(f"--batch must be >= 1, --num-fewshot >= 0 and --max-length >= 1; got {args.batch}, "
                         f"{args.num_fewshot}, {args.max_length}.")
     check_names(names)  # a typo or missing data fails before the model is loaded
+    if args.prompt:
+        from rewarm.repair.run import generation_tasks
+
+        generating = generation_tasks(names)
+        if generating:
+            raise UserError(f"soft prompts are applied to log-likelihood (multiple-choice) tasks only; "
+                            f"{', '.join(generating)} generate text. Drop them from --tasks when scoring with --prompt.")
     from rewarm.model_store import resolve
 
     args.model_dir = resolve(args.model_dir, "model_dir")
@@ -193,7 +200,10 @@ def _cmd_downstream(args: argparse.Namespace) -> int:
         results, prompted = downstream_with_prompts(
             model, tok, names, args.prompt, limit=args.limit, num_fewshot=args.num_fewshot, batch=args.batch,
             max_length=args.max_length, samples_out=Path(args.samples) if args.samples else None)
-        out = Path(args.output) if args.output else Path(args.model_dir) / f"downstream_{prompted['mode']}_prompt.json"
+        from rewarm.repair.run import prompt_labels
+
+        label = "+".join(Path(x).name for x in prompt_labels(args.prompt))
+        out = Path(args.output) if args.output else Path(args.model_dir) / f"downstream_{prompted['mode']}_{label}.json"
         write_prompted(out, args.model_dir, results, settings, prompted)
         print(format_downstream_table(results))
         for task, counts in prompted["chosen_prompts"].items():
@@ -572,8 +582,8 @@ def _cmd_repair_prompt(args: argparse.Namespace) -> int:
     from rewarm.repair.run import make_prompt
 
     name, _, path = args.data.partition("=")
-    if not path:
-        raise UserError(f"--data must be NAME=SHARDS (a prepared directory), got {args.data!r}.")
+    if not path or not name.strip():
+        raise UserError(f"--data must be NAME=SHARDS (a name, then a prepared directory), got {args.data!r}.")
     info = make_prompt(resolve(args.model_dir, "model_dir"), path, args.output, name=name,
                        virtual_tokens=args.virtual_tokens, steps=args.steps, batch=args.batch, seq_len=args.seq_len,
                        lr=args.lr, seed=args.seed, progress=not args.quiet)
@@ -809,7 +819,8 @@ def build_parser() -> argparse.ArgumentParser:
     co.add_argument("model_dir", help="HF model directory or an installed model's name")
     co.add_argument("-o", "--output", required=True, help="the compressed model's directory (must not exist)")
     co.add_argument("--method", required=True, choices=("magnitude", "wanda", "rtn"))
-    co.add_argument("--sparsity", type=float, default=0.5, help="pruning: share of weights set to zero, in [0, 1)")
+    co.add_argument("--sparsity", type=float, default=None, help="pruning: share of weights set to zero, in [0, 1) "
+                                                                 "(default 0.5; N:M patterns fix their own)")
     co.add_argument("--pattern", default="unstructured", help="pruning: unstructured or N:M, e.g. 2:4")
     co.add_argument("--bits", type=int, default=4, help="rtn: bits per weight (>= 2)")
     co.add_argument("--group", type=int, default=128, help="rtn: weights per quantization group (along the input)")

@@ -200,9 +200,11 @@ def load_pretrained(path: str, revision: str | None = None, overrides: dict | No
     return model
 
 
-def save_model(model: torch.nn.Module, out_dir: str | Path, tokenizer=None, state_dict: dict | None = None) -> Path:
+def save_model(model: torch.nn.Module, out_dir: str | Path, tokenizer=None, state_dict: dict | None = None,
+               extra_files: dict[str, str] | None = None) -> Path:
     """Save as an HF directory (safetensors) under a temp name, then rename into place.
-    `state_dict` (a gathered full state) is saved instead of the module's own when given."""
+    `state_dict` (a gathered full state) is saved instead of the module's own when given;
+    `extra_files` (name → text) are written inside before the rename, so they appear together."""
     out = Path(out_dir)
     tmp = atomic.temp_path(out)
     shutil.rmtree(tmp, ignore_errors=True)
@@ -213,6 +215,8 @@ def save_model(model: torch.nn.Module, out_dir: str | Path, tokenizer=None, stat
         model.save_pretrained(tmp, safe_serialization=True, state_dict=state_dict)
         if tokenizer is not None:
             tokenizer.save_pretrained(tmp)
+        for name, text in (extra_files or {}).items():
+            (tmp / name).write_text(text)
     except Exception as exc:
         atomic.fail_if_disk_full(exc, tmp, f"the model {out}")
         raise

@@ -12,7 +12,8 @@ the embeddings, norms or head), as in Wanda (Sun et al. 2024) and GPTQ-style stu
   M consecutive input weights of a row, e.g. 2:4).
 - rtn: per output row, groups of `group` consecutive input weights (the last one shorter when they do
   not divide); each group keeps its minimum m and step s = (max − m) / (2^k − 1) and every weight
-  becomes m + round((w − m)/s)·s: 2^k levels, error at most s/2.
+  becomes m + round((w − m)/s)·s: 2^k levels, error at most s/2. Exact zeros stay zero, so a pruned
+  model quantized afterwards keeps its mask (compressions stack).
 """
 from __future__ import annotations
 
@@ -106,6 +107,7 @@ def quantize_rtn(w: torch.Tensor, bits: int, group: int) -> tuple[torch.Tensor, 
         q = torch.round((g - lo) / safe).clamp_(0, 2 ** bits - 1)
         deq[:, start:end] = (lo + q * step).reshape(out_f, end - start).to(w.dtype)
         steps.append(step.squeeze(-1))
+    deq[w == 0] = 0  # a pruned weight stays pruned: quantizing a pruned model keeps its mask
     return deq, torch.cat(steps, dim=1)
 
 

@@ -8,14 +8,16 @@ sets and downstream tasks, with the compute each route spent.
     limit: 200
     seq_len: 256                            # held-out windows
     eval_tokens: 16384
-    precision: fp32                         # or bf16 (autocast-free: the weights are cast)
+    precision: fp32                         # or bf16 (the weights are cast after the prompts are checked)
+    batch: 16                               # windows / lm-eval batch size
     compressed:
       - name: wanda50
         model: models/wanda50
         retrained: [runs/wanda50_16, runs/wanda50_64]    # runs from it (their final/)
         prompts: [prompts/wanda50_code, prompts/wanda50_prose]   # the first alone; all of them: IDP
 
-Each route's numbers go to out_dir/results.json as soon as they exist (a second call reuses them),
+Each route's numbers go to out_dir/results.json as soon as they exist (a second call with the same
+spec reuses them; a changed spec is refused rather than mixed with the old numbers),
 then out_dir/report.md: held-out loss per set, accuracy and p_choices(gold) (± standard error) per
 task, and compute: training FLOPs ≈ 6·N·tokens (re-training), ≈ 4·N·tokens (a prompt: forward and the
 backward through activations only), and the extra tokens each input costs at inference.
@@ -34,6 +36,20 @@ from rewarm.errors import UserError
 KEYS = {"out_dir", "base", "eval", "tasks", "limit", "seq_len", "eval_tokens", "precision", "compressed", "batch"}
 
 
+def _positive_int(spec: dict, key: str, where: str) -> None:
+    v = spec[key]
+    if not isinstance(v, int) or isinstance(v, bool) or v < 1:
+        raise UserError(f"repair report spec {where}: `{key}` must be a positive integer, got {v!r}.")
+
+
+def _str_list(value, what: str, where: str) -> list[str]:
+    if value is None:
+        return []
+    if not isinstance(value, list) or not all(isinstance(x, str) and x for x in value):
+        raise UserError(f"repair report spec {where}: `{what}` must be a list of paths/names, got {value!r}.")
+    return value
+
+
 def load_spec(path: str | Path) -> dict:
     p = Path(path)
     spec = read_mapping(p, "repair report spec", ", ".join(sorted(KEYS)))
@@ -43,21 +59,53 @@ def load_spec(path: str | Path) -> dict:
     for key in ("out_dir", "base", "eval", "compressed"):
         if not spec.get(key):
             raise UserError(f"repair report spec {p}: `{key}` is required.")
-    spec.setdefault("tasks", [])
+    if not isinstance(spec["out_dir"], str) or not isinstance(spec["base"], str):
+        raise UserError(f"repair report spec {p}: `out_dir` and `base` must be paths (or a model name).")
     spec.setdefault("limit", 200)
     spec.setdefault("seq_len", 256)
     spec.setdefault("eval_tokens", 16384)
     spec.setdefault("precision", "fp32")
     spec.setdefault("batch", 16)
+    spec["tasks"] = _str_list(spec.get("tasks"), "tasks", str(p))
+    for key in ("limit", "seq_len", "eval_tokens", "batch"):
+        _positive_int(spec, key, str(p))
     if spec["precision"] not in ("fp32", "bf16"):
         raise UserError(f"repair report spec {p}: precision must be fp32 or bf16, got {spec['precision']!r}.")
+    if not isinstance(spec["eval"], list) or not all(isinstance(e, dict) and isinstance(e.get("name"), str)
+                                                      and isinstance(e.get("path"), str) for e in spec["eval"]):
+        raise UserError(f"repair report spec {p}: `eval` must be a list of {{name, path}} held-out sets, got {spec['eval']!r}.")
+    if not isinstance(spec["compressed"], list):
+        raise UserError(f"repair report spec {p}: `compressed` must be a list of {{name, model, retrained, prompts}}.")
+    names = {"base"}
     for c in spec["compressed"]:
-        if not isinstance(c, dict) or not c.get("name") or not c.get("model"):
-            raise UserError(f"repair report spec {p}: each `compressed` entry needs name and model; got {c!r}.")
-        for run in c.get("retrained") or []:
+        if not isinstance(c, dict) or not c.get("name") or not c.get("model") or set(c) - {"name", "model", "retrained", "prompts"}:
+            raise UserError(f"repair report spec {p}: each `compressed` entry is {{name, model[, retrained, prompts]}}; "
+                            f"got {c!r}.")
+        if c["name"] in names:
+            raise UserError(f"repair report spec {p}: compressed name `{c['name']}` is used twice or is the reserved `base`.")
+        names.add(c["name"])
+        c["retrained"] = _str_list(c.get("retrained"), f"{c['name']}.retrained", str(p))
+        c["prompts"] = _str_list(c.get("prompts"), f"{c['name']}.prompts", str(p))
+        for run in c["retrained"]:
             if not (Path(run) / "summary.json").is_file():
                 raise UserError(f"repair report spec {p}: {run} is not a finished run (no summary.json).")
+    if spec["tasks"]:
+        from rewarm.downstream.tasks import check_names
+
+        check_names(spec["tasks"])
+        if any(c["prompts"] for c in spec["compressed"]):
+            from rewarm.repair.run import generation_tasks
+
+            generating = generation_tasks(spec["tasks"])
+            if generating:
+                raise UserError(f"repair report spec {p}: soft prompts score log-likelihood tasks only; "
+                                f"{', '.join(generating)} generate text.")
     return spec
+
+
+def _settings(spec: dict) -> dict:
+    """What every number in results.json depends on besides the route itself."""
+    return {k: spec[k] for k in ("eval", "tasks", "limit", "seq_len", "eval_tokens", "precision", "base")}
 
 
 def _eval_sets(spec):
@@ -67,12 +115,11 @@ def _eval_sets(spec):
     return [EvalSet.from_shards(e["name"], TokenShards(e["path"]), spec["seq_len"], spec["eval_tokens"]) for e in spec["eval"]]
 
 
-def _load(model_dir: str, precision: str):
+def _load(model_dir: str):
     from rewarm.model import load_pretrained
     from rewarm.model_store import resolve
 
-    model = load_pretrained(resolve(model_dir, "model")).eval()
-    return model.to(torch.bfloat16) if precision == "bf16" else model
+    return load_pretrained(resolve(model_dir, "model")).eval()
 
 
 @torch.no_grad()
@@ -103,32 +150,53 @@ def _params(model) -> int:
 
 def run_report(spec: dict, progress: bool = True) -> Path:
     from rewarm.downstream.harness import run_tasks
+    from rewarm.model_store import resolve
     from rewarm.repair.run import downstream_with_prompts, load_prompts
-    from rewarm.tokenizer import load_tokenizer
+    from rewarm.tokenizer import fingerprint, load_tokenizer
 
     out = Path(spec["out_dir"])
-    out.mkdir(parents=True, exist_ok=True)
     results_path = out / "results.json"
-    results = json.loads(results_path.read_text()) if results_path.is_file() else {}
-    eval_sets = _eval_sets(spec)
-    from rewarm.model_store import resolve
-
+    saved = json.loads(results_path.read_text()) if results_path.is_file() else {}
+    if saved and saved.get("settings") != _settings(spec):
+        raise UserError(f"{results_path} holds numbers made with other settings ({saved.get('settings')}); this spec "
+                        f"says {_settings(spec)}. Use another out_dir, or delete {results_path} to score again.")
+    results = saved.get("routes", {})
     tokenizer = load_tokenizer(resolve(spec["base"], "model"))
+    eval_sets = _eval_sets(spec)
+    base_vocab = _load(spec["base"]).config.vocab_size
+    for e in spec["eval"]:
+        from rewarm.data.shards import TokenShards
+
+        TokenShards(e["path"]).check_compatible(fingerprint(tokenizer), base_vocab, e["name"])
     tasks, limit, batch, precision = spec["tasks"], spec["limit"], spec["batch"], spec["precision"]
+    out.mkdir(parents=True, exist_ok=True)
 
     def route(key: str, model_dir: str, **extra):
-        if key in results:
-            return
-        model = _load(model_dir, precision)
         prompts = extra.pop("prompts", None)
+        if key in results:
+            if results[key]["model"] != str(model_dir) or results[key].get("prompt_dirs") != prompts:
+                raise UserError(f"{results_path}: route `{key}` was scored on {results[key]['model']} "
+                                f"{results[key].get('prompt_dirs') or ''}; the spec now names {model_dir} {prompts or ''}. "
+                                f"Use another out_dir, or delete {results_path}.")
+            return
+        model = _load(model_dir)
         row: dict = {"model": str(model_dir), "params": _params(model), **extra}
         if prompts:
-            stacked, infos = load_prompts(prompts, model)
+            stacked, infos = load_prompts(prompts, model)  # checked against the fp32 weights they were trained on
+            n_prompts, p_len = stacked.shape[0], stacked.shape[1]
+            max_pos = getattr(model.config, "max_position_embeddings", None)
+            if max_pos is not None and spec["seq_len"] + n_prompts * p_len > max_pos:
+                raise UserError(f"seq_len {spec['seq_len']} + {n_prompts}×{p_len} prompt tokens exceed the model's "
+                                f"{max_pos} positions; lower seq_len.")
+        if precision == "bf16":
+            model = model.to(torch.bfloat16)
+        if prompts:
             stacked = stacked.to(next(model.parameters()).dtype)
+            row.update(prompt_dirs=prompts, n_prompts=n_prompts)
             row["held_out"] = _held_out(model, eval_sets, stacked, batch)
             if tasks:
                 row["tasks"], row["prompting"] = downstream_with_prompts(model, tokenizer, tasks, prompts, limit=limit,
-                                                                         batch=batch)
+                                                                         batch=batch, loaded=(stacked, infos))
             row["prompt_tokens_trained"] = sum(i["tokens"] for i in infos)
             row["virtual_tokens"] = int(stacked.shape[1])
         else:
@@ -136,7 +204,7 @@ def run_report(spec: dict, progress: bool = True) -> Path:
             if tasks:
                 row["tasks"] = run_tasks(model, tokenizer, tasks, limit=limit, batch_size=batch)
         results[key] = row
-        atomic.write_json(results_path, results)  # each route kept as soon as it exists
+        atomic.write_json(results_path, {"settings": _settings(spec), "routes": results})  # kept as soon as it exists
 
     route("base", spec["base"], route="base")
     for c in spec["compressed"]:
@@ -169,9 +237,9 @@ def markdown(results: dict, spec: dict) -> str:
              f"tasks: {', '.join(tasks) or 'none'} (limit {spec['limit']}, 0-shot); precision {spec['precision']}. "
              "Training FLOPs ≈ 6·N·tokens for re-training, 4·N·tokens for a prompt (no weight gradients). Inference: "
              "extra tokens per input (a prompt's P; IDP adds one selection pass over K·P prompt tokens + the input).", "",
-             "| route | " + " | ".join(f"{s} loss" for s in sets) + " | "
-             + " | ".join(f"{t} acc / p_choices(gold)" for t in tasks) + " | mean acc | training FLOPs | extra tokens / input |",
-             "|---|" + "---|" * (len(sets) + len(tasks) + 3)]
+             "| " + " | ".join(["route"] + [f"{s} loss" for s in sets] + [f"{t} acc / p_choices(gold)" for t in tasks]
+                              + ["mean acc", "training FLOPs", "extra tokens / input"]) + " |",
+             "|" + "---|" * (1 + len(sets) + len(tasks) + 3)]
     for key, r in results.items():
         held = " | ".join(f"{r['held_out'][s]:.4f}" + (f" ({r['held_out'][s] - base['held_out'][s]:+.4f})"
                                                        if key != "base" and base else "") for s in sets)
@@ -186,10 +254,10 @@ def markdown(results: dict, spec: dict) -> str:
                  else 4 * n * r["prompt_tokens_trained"] if "prompt_tokens_trained" in r else 0)
         extra = "0"
         if "virtual_tokens" in r:
-            k = len((r.get("prompting") or {}).get("prompts") or [1])
+            k = r.get("n_prompts", 1)
             extra = f"{r['virtual_tokens']}" + (f" + selection ({k}×{r['virtual_tokens']} + input)" if k > 1 else "")
-        lines.append(f"| {key} | {held} | " + " | ".join(cells) + f" | {sum(accs) / len(accs):.3f} | "
-                     f"{flops:.2e} | {extra} |" if accs else f"| {key} | {held} | " + " | ".join(cells) + f" | – | {flops:.2e} | {extra} |")
+        row = [key, held] + cells + [f"{sum(accs) / len(accs):.3f}" if accs else "–", f"{flops:.2e}", extra]
+        lines.append("| " + " | ".join(row) + " |")
     hist = {k: r["prompting"]["chosen_prompts"] for k, r in results.items() if (r.get("prompting") or {}).get("mode") == "idp"}
     if hist:
         lines += ["", "IDP's choices (questions per prompt): "

@@ -31,7 +31,21 @@ def _calibration(shards_dir: str, tokenizer, vocab: int, tokens: int, seq_len: i
                                       for i in picks]))
 
 
-def compress_model(model_dir: str, out: str, method: str, *, sparsity: float = 0.5, pattern: str = "unstructured",
+def _check_length(model, tokens: int, what: str) -> None:
+    max_pos = getattr(model.config, "max_position_embeddings", None)
+    if max_pos is not None and tokens > max_pos:
+        raise UserError(f"{what} needs {tokens} positions but the model has {max_pos}. Use shorter windows.")
+
+
+def generation_tasks(names: list[str]) -> list[str]:
+    """Tasks that generate text (soft prompts score log-likelihoods only): found before any model loads."""
+    from rewarm.downstream.tasks import expand, task_configs
+
+    specs, _ = task_configs(expand(names))
+    return [s["task"] for s in specs if s.get("output_type") == "generate_until"]
+
+
+def compress_model(model_dir: str, out: str, method: str, *, sparsity: float | None = None, pattern: str = "unstructured",
                    bits: int = 4, group: int = 128, calib: str | None = None, calib_tokens: int = 16384,
                    seq_len: int = 512, progress: bool = True) -> dict:
     from rewarm.model import load_pretrained, save_model
@@ -40,6 +54,11 @@ def compress_model(model_dir: str, out: str, method: str, *, sparsity: float = 0
 
     if method not in METHODS:
         raise UserError(f"--method must be one of {', '.join(METHODS)}, not {method!r}.")
+    if calib and method != "wanda":
+        raise UserError(f"--calib is read by --method wanda only; {method} uses no calibration data. Drop --calib.")
+    if method != "rtn" and pattern != "unstructured" and sparsity is not None:
+        raise UserError(f"--pattern {pattern} fixes the sparsity (N of every M weights); drop --sparsity.")
+    sparsity = 0.5 if sparsity is None else sparsity
     if method == "rtn":
         if not 2 <= bits <= 16:
             raise UserError(f"--bits must be between 2 and 16 (k-bit round-to-nearest), got {bits}.")
@@ -60,13 +79,14 @@ def compress_model(model_dir: str, out: str, method: str, *, sparsity: float = 0
     tokenizer = load_tokenizer(model_dir)
     calibration = None
     if method == "wanda":
+        _check_length(model, seq_len, f"--seq-len {seq_len}")
         calibration = _calibration(calib, tokenizer, model.config.vocab_size, calib_tokens, seq_len)
     result = compress(model, method, sparsity=sparsity, pattern=shape, bits=bits, group=group,
                       calibration=calibration, progress=progress)
     record = dict(result["record"], source=str(model_dir), **({"calibration": str(calib)} if calib else {}))
     model.config.rewarm_compression = list(getattr(model.config, "rewarm_compression", None) or []) + [record]
-    save_model(model, out, tokenizer)
-    atomic.write_json(Path(out) / "compression.json", {"record": record, "matrices": result["matrices"]})
+    save_model(model, out, tokenizer, extra_files={
+        "compression.json": json.dumps({"record": record, "matrices": result["matrices"]}, indent=2)})
     return record
 
 
@@ -81,11 +101,12 @@ def make_prompt(model_dir: str, data: str, out: str, *, name: str | None = None,
     for key, value in (("--virtual-tokens", virtual_tokens), ("--steps", steps), ("--batch", batch), ("--seq-len", seq_len)):
         if value < 1:
             raise UserError(f"{key} must be a positive integer, got {value}.")
-    if not lr > 0:
-        raise UserError(f"--lr must be > 0, got {lr}.")
+    if not lr > 0 or lr == float("inf"):
+        raise UserError(f"--lr must be a positive number, got {lr}.")
     if Path(out).exists():
         raise UserError(f"{out} already exists; choose another output directory (nothing is overwritten).")
     model = load_pretrained(model_dir)
+    _check_length(model, seq_len + virtual_tokens, f"--seq-len {seq_len} + --virtual-tokens {virtual_tokens}")
     tokenizer = load_tokenizer(model_dir)
     shards = TokenShards(data)
     shards.check_compatible(fingerprint(tokenizer), model.config.vocab_size, name or "prompt data")
@@ -106,20 +127,24 @@ def load_prompts(paths: list[str], model) -> tuple[torch.Tensor, list[dict]]:
     """K prompts for `model` (each checked against it), stacked K × P × h; all must have the same length."""
     from rewarm.repair.prompts import load_prompt
 
+    if len({str(Path(p).resolve()) for p in paths}) < len(paths):
+        raise UserError("the same prompt is given twice: IDP chooses among different prompts.")
     loaded = [load_prompt(p, model) for p in paths]
-    lengths = {t.shape for t, _ in loaded}
+    lengths = sorted({tuple(t.shape) for t, _ in loaded})
     if len(lengths) > 1:
-        raise UserError(f"the prompts have different shapes {sorted(lengths)}: IDP needs prompts of one length.")
+        raise UserError(f"the prompts have different lengths ({', '.join(str(s[0]) for s in lengths)} virtual tokens): "
+                        f"IDP needs prompts of one length.")
     return torch.stack([t for t, _ in loaded]).float(), [i for _, i in loaded]
 
 
 def downstream_with_prompts(model, tokenizer, tasks: list[str], prompt_dirs: list[str], *, limit=None, num_fewshot=0,
-                            batch=8, max_length=None, samples_out=None) -> tuple[dict, dict]:
-    """(results, record): one prompt for every input, or IDP among several."""
+                            batch=8, max_length=None, samples_out=None, loaded=None) -> tuple[dict, dict]:
+    """(results, record): one prompt for every input, or IDP among several. `loaded`: the prompts and
+    their records already loaded (and checked against the model's fp32 weights) by the caller."""
     from rewarm.downstream.harness import run_tasks
     from rewarm.repair.idp import PromptedLM
 
-    prompts, infos = load_prompts(prompt_dirs, model)
+    prompts, infos = loaded if loaded is not None else load_prompts(prompt_dirs, model)
     mode = "idp" if len(prompt_dirs) > 1 else "single"
     record: dict = {}
     max_pos = getattr(model.config, "max_position_embeddings", None)
@@ -128,11 +153,17 @@ def downstream_with_prompts(model, tokenizer, tasks: list[str], prompt_dirs: lis
     results = run_tasks(model, tokenizer, tasks, limit=limit, num_fewshot=num_fewshot, batch_size=batch,
                         max_length=max_length, samples_out=samples_out, lm_class=PromptedLM,
                         lm_kwargs={"prompts": prompts, "mode": mode, "record": record})
-    hist = {task: {Path(prompt_dirs[k]).name: n for k, n in sorted(c.items())}
-            for task, c in record.get("chosen_prompts", {}).items()}
+    labels = prompt_labels(prompt_dirs)
+    hist = {task: {labels[k]: n for k, n in sorted(c.items())} for task, c in record.get("chosen_prompts", {}).items()}
     return results, {"mode": mode, "prompts": [str(p) for p in prompt_dirs], "chosen_prompts": hist,
                      "selection_tokens": record.get("selection_tokens", 0),
                      "prompt_names": [i.get("name") for i in infos]}
+
+
+def prompt_labels(paths: list[str]) -> list[str]:
+    """Each prompt's directory name, or its whole path where two names are the same."""
+    names = [Path(p).name for p in paths]
+    return [n if names.count(n) == 1 else str(p) for n, p in zip(names, paths)]
 
 
 def write_prompted(out: Path, model_dir: str, results: dict, settings: dict, prompted: dict) -> Path:
