@@ -79,7 +79,7 @@ class TopKMoE(nn.Module):
                 rows, slot = rows[:capacity], slot[:capacity]
             # an expert with no tokens still runs (on zero rows): its parameters stay in the graph for DDP
             y = expert(flat[rows]) * weights[rows, slot].unsqueeze(-1).to(flat.dtype)
-            out = out.index_add(0, rows, y)
+            out.index_add_(0, rows, y)  # in place: no copy of the layer's output per expert
         if self.training:
             self._losses(logits, probs, counts)
             self._count(counts, dropped, flat.shape[0])

@@ -163,7 +163,9 @@ def run_report(spec: dict, progress: bool = True) -> Path:
     results = saved.get("routes", {})
     tokenizer = load_tokenizer(resolve(spec["base"], "model"))
     eval_sets = _eval_sets(spec)
-    base_vocab = _load(spec["base"]).config.vocab_size
+    from rewarm.model import load_config
+
+    base_vocab = load_config(resolve(spec["base"], "model")).vocab_size  # the config alone: no weights loaded twice
     for e in spec["eval"]:
         from rewarm.data.shards import TokenShards
 
