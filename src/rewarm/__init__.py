@@ -14,6 +14,7 @@ def _register_subpackages() -> None:
         from rewarm.moe import register as register_moe
         from rewarm.optim import register as register_optimizers
         from rewarm.replay.kl import register as register_loss_terms
+        from rewarm.retro import register as register_retro
     except ImportError:  # without torch/transformers there is nothing to register
         return
     register()
@@ -21,6 +22,7 @@ def _register_subpackages() -> None:
     register_eval_hooks()
     register_loss_terms()
     register_moe()
+    register_retro()
 
 
 _register_subpackages()

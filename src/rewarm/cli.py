@@ -533,6 +533,38 @@ def _cmd_linearize(args: argparse.Namespace) -> int:
     return 0
 
 
+def _cmd_retrieval_build(args: argparse.Namespace) -> int:
+    from rewarm.model_store import resolve
+    from rewarm.retro.database import build
+
+    r = build(args.shards, args.output, chunk=args.chunk, embed=resolve(args.embed, "--embed") if args.embed else None,
+              layer=args.layer, bm25=args.bm25, index=args.index, max_chunks=args.max_chunks, overwrite=args.overwrite,
+              progress=not args.quiet)
+    print(f"retrieval database {r.path}: {r.chunks:,} chunks of {args.chunk} tokens, {r.index} index, "
+          f"{r.bytes / 2**20:.1f} MiB, built in {r.seconds:.1f} s")
+    return 0
+
+
+def _cmd_retrofit(args: argparse.Namespace) -> int:
+    from rewarm.model_store import resolve
+    from rewarm.retro.retrofit import retrofit
+
+    layers = None
+    if args.cca_layers:
+        try:
+            layers = [int(x) for x in args.cca_layers.split(",") if x.strip()]
+        except ValueError:
+            raise UserError(f"--cca-layers must be comma-separated layer numbers (1-indexed), e.g. 6,9,12; got "
+                            f"{args.cca_layers!r}.") from None
+    r = retrofit(resolve(args.base, "base"), args.output, db=args.db, chunk=args.chunk, k=args.k, cca_layers=layers,
+                 encoder_layers=args.encoder_layers, seed=args.seed, overwrite=args.overwrite)
+    print(f"RETRO model {r['out']}: base {r['base']} + {r['params_retro']:,} new parameters (encoder x "
+          f"{r['encoder_layers']}, CCA in layers {r['cca_layers']}); chunk {r['chunk']}; step-0 logit gap to the "
+          f"base {r['step0_max_logit_gap']:.1e}. Train it with `init: weights`, `model.path: {r['out']}`"
+          + ("" if r["retrieval_db"] else ", `retrieval.db: DB`"))
+    return 0
+
+
 def _cmd_upcycle(args: argparse.Namespace) -> int:
     from rewarm import atomic
     from rewarm.moe.upcycle import launch_lines, load_plan, run_plan
@@ -849,6 +881,37 @@ def build_parser() -> argparse.ArgumentParser:
                                   "prompts}] (README: Compress, then repair)")
     rrp.add_argument("-q", "--quiet", action="store_true", help="no progress bars")
     rrp.set_defaults(func=_cmd_repair_report)
+
+    rt = sub.add_parser("retrieval", help="retrieval databases for RETRO models").add_subparsers(dest="rt_command", required=True)
+    rb = rt.add_parser("build", help="cut a prepared train split into chunks and index them (faiss or BM25)")
+    rb.add_argument("shards", help="a directory `rewarm prepare` wrote (its train split is indexed)")
+    rb.add_argument("-o", "--output", required=True, help="the database directory to write")
+    rb.add_argument("--chunk", type=int, default=64, help="tokens per chunk (neighbours are 2 chunks: chunk + continuation)")
+    rb.add_argument("--embed", metavar="MODEL", help="keys: mean-pooled hidden states of this frozen model (a dir or "
+                                                     "an installed name, e.g. the base model)")
+    rb.add_argument("--layer", type=int, default=None, help="which layer's states (default: the middle one)")
+    rb.add_argument("--bm25", action="store_true", help="keys: BM25 over the chunks' token ids (bm25s)")
+    rb.add_argument("--index", choices=("auto", "flat", "ivfpq"), default="auto",
+                    help="faiss index for --embed: exact flat, IVF-PQ, or auto (flat up to 200k chunks)")
+    rb.add_argument("--max-chunks", type=int, default=None, help="index only the first N chunks")
+    rb.add_argument("--overwrite", action="store_true", help="replace an existing database")
+    rb.add_argument("-q", "--quiet", action="store_true", help="no progress bars")
+    rb.set_defaults(func=_cmd_retrieval_build)
+
+    rf = sub.add_parser("retrofit", help="add RETRO's neighbour encoder and chunked cross-attention to a pretrained "
+                                         "decoder (outputs unchanged at step 0)")
+    rf.add_argument("base", help="a GPT-NeoX or Llama model dir (or installed name)")
+    rf.add_argument("-o", "--output", required=True, help="the RETRO model directory to write")
+    rf.add_argument("--db", help="the retrieval database the model will use (recorded in its config; its chunk is used)")
+    rf.add_argument("--chunk", type=int, default=None, help="tokens per chunk (default: the database's, else 64)")
+    rf.add_argument("--k", type=int, default=2, help="neighbours per chunk (default 2)")
+    rf.add_argument("--cca-layers", default=None, help="decoder layers (1-indexed, comma-separated) that get chunked "
+                                                       "cross-attention; default: every 3rd from the 6th")
+    rf.add_argument("--encoder-layers", type=int, default=2, help="blocks of the neighbour encoder")
+    rf.add_argument("--seed", type=int, default=0, help="seed for the new modules' initialisation")
+    rf.add_argument("--overwrite", action="store_true", help="replace an existing output")
+    rf.add_argument("-q", "--quiet", action="store_true", help="no progress bars")
+    rf.set_defaults(func=_cmd_retrofit)
 
     up = sub.add_parser("upcycle", help="branch a dense model into domain experts and mix them into a mixture of "
                                         "experts (BAM / BTX), then train it")

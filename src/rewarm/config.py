@@ -92,6 +92,24 @@ class MoEConfig:
 
 
 @dataclass
+class RetrievalConfig:
+    db: Optional[str] = _f(None, "RETRO models (`rewarm retrofit`): the retrieval database (`rewarm retrieval build`); "
+                                 "default: the one the model was retro-fitted with")
+    k: int = _f(2, "neighbours per chunk")
+    exclude_same_doc: bool = _f(True, "skip neighbours from the documents of the window being predicted (no leakage)")
+    compare: bool = _f(True, "at each eval, also score the held-out windows without retrieval (event `retrieval`)")
+    repetition_prompts: int = _f(4, "at the last eval, greedy continuations of N held-out prompts with and without "
+                                    "retrieval: the repeated 4-gram share (0 = off)")
+    repetition_tokens: int = _f(64, "new tokens per continuation for the repetition rate")
+
+
+@dataclass
+class RetrofitConfig:
+    freeze_base: bool = _f(True, "RETRO-fitting: train only the neighbour encoder and chunked cross-attention (RETRO's "
+                                 "recipe); false trains everything (InstructRetro's)")
+
+
+@dataclass
 class ScheduleConfig:
     name: str = _f("cosine", "constant | cosine | cosine_neox_clipped | linear | inverse_sqrt | wsd | infinite | repeated_cosine")
     max_lr: float = _f(3e-4, "peak learning rate, reached at the end of warmup")
@@ -217,6 +235,8 @@ class RunConfig:
     replay: ReplayConfig = _f(ReplayConfig(), "replay without the old data: KL to the initial model on replay rows")
     train: TrainConfig = _f(TrainConfig(), "batch, length, steps")
     moe: MoEConfig = _f(MoEConfig(), "routing losses of mixture-of-experts models (ignored by dense models)")
+    retrieval: RetrievalConfig = _f(RetrievalConfig(), "retrieval for RETRO models (ignored by others unless `db` is set)")
+    retrofit: RetrofitConfig = _f(RetrofitConfig(), "what a RETRO-fitting run trains")
     schedule: ScheduleConfig = _f(ScheduleConfig(), "learning-rate schedule")
     optimizer: OptimizerConfig = _f(OptimizerConfig(), "AdamW settings")
     eval: EvalConfig = _f(EvalConfig(), "held-out evaluation")
@@ -286,6 +306,8 @@ RANGES: dict[str, Range] = {
     "eval.flatness.every": AT_LEAST_0, "eval.flatness.samples": Range(2, 1e6), "eval.flatness.tokens": AT_LEAST_1,
     "eval.collapse.factor": Range(1, lo_open=True), "replay.kl_coef": AT_LEAST_0,
     "moe.lbl_coef": AT_LEAST_0, "moe.z_loss_coef": AT_LEAST_0, "moe.capacity_factor": AT_LEAST_0,
+    "retrieval.k": Range(1, 1024), "retrieval.repetition_prompts": Range(0, 10_000),
+    "retrieval.repetition_tokens": Range(4, 1 << 16),
     "eval.downstream.every": AT_LEAST_0, "eval.downstream.limit": AT_LEAST_0,
     "eval.downstream.num_fewshot": AT_LEAST_0, "eval.downstream.batch": AT_LEAST_1,
     "eval.samples.max_new_tokens": Range(1, 1 << 16), "eval.samples.temperature": Range(0, 100),

@@ -24,7 +24,8 @@ def _cache_arg(model) -> str:
 @torch.no_grad()
 def continue_prompts(model, tokenizer, prompts: list[str], max_new_tokens: int = 32, temperature: float = 0.0,
                      seed: int = 0, device: torch.device | None = None) -> list[str]:
-    """The model's continuation of each prompt (the new text only), one prompt at a time with a KV cache."""
+    """The model's continuation of each prompt (the new text only), one prompt at a time with a KV cache
+    (or, for a model that says `needs_full_sequence` — a RETRO model retrieving — the whole sequence each step)."""
     device = device or next(model.parameters()).device
     was_training = model.training
     model.eval()
@@ -47,7 +48,11 @@ def continue_prompts(model, tokenizer, prompts: list[str], max_new_tokens: int =
             new: list[int] = []
             past, step_ids = None, ids
             for _ in range(budget):
-                res = model(input_ids=step_ids, use_cache=True, **{cache_arg: past})
+                if getattr(model, "needs_full_sequence", False):
+                    res = model(input_ids=torch.cat([ids, torch.tensor([new], dtype=ids.dtype, device=device)], 1)
+                                if new else ids, use_cache=False)
+                else:
+                    res = model(input_ids=step_ids, use_cache=True, **{cache_arg: past})
                 past, logits = getattr(res, cache_arg), res.logits[0, -1].float().cpu()
                 if temperature > 0:
                     probs = torch.softmax(logits / temperature, dim=-1)

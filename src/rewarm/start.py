@@ -280,8 +280,12 @@ def start_run(cfg: RunConfig, run: RunDir, d: Dist, *, overwrite: bool = False, 
             origin = path + (f"@{revision}" if revision else "")
         model.to(device)
         _smoke_forward(model, device)
-        if hasattr(model, "apply_run_settings"):  # a mixture of experts takes the run's `moe:` section (seam)
-            model.apply_run_settings(cfg.moe)
+        if hasattr(model, "apply_run_settings"):  # seam: an MoE reads `moe:`, a RETRO model `retrieval:`/`retrofit:`
+            model.apply_run_settings(cfg)
+        if cfg.retrieval.db and not getattr(model, "accepts_retrieval", False):
+            raise UserError(f"`retrieval.db` is set but {type(model).__name__} cannot read neighbours. Turn the model "
+                            f"into a RETRO model first: `rewarm retrofit {cfg.model.path or 'BASE'} -o DIR`, then "
+                            f"`model.path: DIR`.")
         if cfg.train.activation_checkpointing:
             _enable_activation_checkpointing(model)
     except (RuntimeError, ValueError, TypeError, AssertionError) as exc:

@@ -387,6 +387,7 @@ def _finish(run: RunDir, st: RunState, metrics: MetricsWriter) -> None:
         summary["final"][name] = series[-1][1]
         best = min(series, key=lambda x: x[1])
         summary["best"][name] = {"loss": best[1], "step": best[0]}
+    summary.update(st.hook_state.get("summary", {}))  # what eval hooks measured (e.g. retrieval's comparison)
     summary.update(memory.peak_memory_mb(st.device))
     if st.peak_rss_train_mb is not None:  # VmHWM can run a page ahead of ru_maxrss: the lifetime peak is the larger
         summary["peak_rss_train_mb"] = st.peak_rss_train_mb

@@ -176,9 +176,10 @@ class UpcycledMoEForCausalLM(PreTrainedModel, GenerationMixin):
     def moe_layers(self) -> list[TopKMoE]:
         return self.backbone.moe_layers()
 
-    def apply_run_settings(self, moe) -> None:
+    def apply_run_settings(self, cfg) -> None:
         """A run's `moe:` section (lbl_coef, lbl_scope, z_loss_coef, capacity_factor) replaces the
         saved ones for this run (and is saved with its checkpoints)."""
+        moe = cfg.moe
         for key in ("lbl_coef", "lbl_scope", "z_loss_coef", "capacity_factor"):
             setattr(self.config, key, getattr(moe, key))
         self.backbone.apply_settings(self.config)

@@ -1,0 +1,272 @@
+"""The retrieval database (`rewarm retrieval build`): a prepared training split cut into chunks of
+m tokens; chunk j's value is its neighbour, the 2m tokens [j·m, j·m + 2m) (the chunk and its
+continuation, RETRO's [N, F]); its key is a frozen embedding of the chunk alone (faiss) or its
+BM25 terms.
+
+Documents: `rewarm prepare` ends every document with EOS, so the document of token t is the number
+of EOS tokens before it. Each chunk records the documents its own tokens and its neighbour span
+(`doc_lo`, `doc_mid`, `doc_hi`), so a retriever can drop neighbours from the documents of the
+sequence it is predicting. A hash of every chunk's tokens finds training chunks again at query time.
+
+Layout of the directory (written under a temporary name, renamed when complete; meta.json last):
+    meta.json      format, chunk, tokenizer, keys (embed model + layer | bm25), index type
+    tokens.bin     the covered tokens (n·m + m), in the shards' dtype: neighbour j = tokens[j·m : j·m+2m]
+    docs.npy       (n, 3) int64: document of the chunk's first token, last token, neighbour's last token
+    hashes.npy     (n, 2) uint64/int64: chunk-token hash, chunk id, sorted by hash
+    index.faiss    keys (flat: exact L2 on unit vectors; ivfpq: IVF + product quantisation) | bm25/
+"""
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+import shutil
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+from tqdm import tqdm
+
+from rewarm import atomic
+from rewarm.data.shards import TokenShards
+from rewarm.errors import UserError
+
+log = logging.getLogger(__name__)
+
+FORMAT_VERSION = 1
+IVF_ABOVE = 200_000  # chunks: an exact flat index up to here (`--index auto`), IVF-PQ above
+INDEX_TYPES = ("auto", "flat", "ivfpq")
+
+
+def chunk_hashes(chunks: np.ndarray) -> np.ndarray:
+    """(n, m) token ids → (n,) int64 hashes of each row's ids (as int64, so dtypes agree)."""
+    rows = np.ascontiguousarray(np.asarray(chunks, dtype=np.int64))
+    return np.array([int.from_bytes(hashlib.blake2b(r.tobytes(), digest_size=8).digest(), "little", signed=True)
+                     for r in rows], dtype=np.int64)
+
+
+def bm25_terms(chunks: np.ndarray) -> list[list[str]]:
+    """Token ids as BM25 terms: the tokenizer already made the words."""
+    return [[f"t{int(t)}" for t in row] for row in np.asarray(chunks)]
+
+
+@dataclass
+class BuildResult:
+    path: Path
+    chunks: int
+    seconds: float
+    bytes: int
+    index: str
+
+
+def _doc_ids(tokens: np.ndarray, eos: int) -> np.ndarray:
+    """Document of each token: the number of EOS tokens strictly before it."""
+    is_eos = np.asarray(tokens) == eos
+    return np.concatenate([[0], np.cumsum(is_eos[:-1], dtype=np.int64)])
+
+
+def _build_faiss(keys: np.ndarray, kind: str, progress: bool) -> tuple[object, dict]:
+    import faiss
+
+    n, dim = keys.shape
+    if kind == "flat":
+        index = faiss.IndexFlatL2(dim)
+        info = {"type": "flat"}
+    else:
+        nlist = int(max(1, min(4 * np.sqrt(n), n // 39)))
+        m = next(d for d in (dim // 2, dim // 4, dim // 8, dim // 16, 1) if d >= 1 and dim % d == 0)
+        m = max(1, min(m, 64))
+        while dim % m:
+            m -= 1
+        quantizer = faiss.IndexFlatL2(dim)
+        index = faiss.IndexIVFPQ(quantizer, dim, nlist, m, 8)
+        sample = keys[np.linspace(0, n - 1, min(n, max(256 * 39, nlist * 64)), dtype=np.int64)]
+        index.train(np.ascontiguousarray(sample, dtype=np.float32))
+        index.nprobe = min(nlist, 32)
+        info = {"type": "ivfpq", "nlist": nlist, "subquantizers": m, "bits": 8, "nprobe": index.nprobe}
+    for i in tqdm(range(0, n, 65536), desc="indexing", unit="block", disable=not progress):
+        index.add(np.ascontiguousarray(keys[i : i + 65536], dtype=np.float32))
+    return index, info
+
+
+def build(shards_dir: str | Path, out: str | Path, *, chunk: int = 64, embed: str | None = None,
+          layer: int | None = None, bm25: bool = False, index: str = "auto", max_chunks: int | None = None,
+          overwrite: bool = False, progress: bool = True, batch: int = 64) -> BuildResult:
+    """Cut `shards_dir`'s train split into chunks and index them (see the module docstring)."""
+    start = time.perf_counter()
+    out = Path(out)
+    if chunk < 2:
+        raise UserError(f"--chunk must be at least 2 tokens (RETRO uses 64), got {chunk}.")
+    if bool(embed) == bool(bm25):
+        raise UserError("choose the keys: `--embed MODEL_DIR [--layer L]` (frozen decoder embeddings) or `--bm25`.")
+    if index not in INDEX_TYPES:
+        raise UserError(f"--index must be one of {', '.join(INDEX_TYPES)}, got {index!r}.")
+    if bm25 and index != "auto":
+        raise UserError("--index chooses the faiss index of embedding keys; BM25 keeps its own. Drop --index.")
+    if out.exists() and not overwrite:
+        raise UserError(f"{out} already exists. Choose another -o, or pass --overwrite to rebuild it.")
+    shards = TokenShards(shards_dir)
+    tokens = shards.split("train")
+    n = (len(tokens) - chunk) // chunk  # every chunk has a full continuation
+    if max_chunks is not None:
+        n = min(n, int(max_chunks))
+    if n < 1:
+        raise UserError(f"{shards_dir}'s train split has {len(tokens)} tokens: fewer than two chunks of {chunk}. "
+                        f"Use a larger corpus or a smaller --chunk.")
+    from rewarm.tokenizer import load_tokenizer
+
+    tok = load_tokenizer(shards.tokenizer_path)
+    if tok.eos_token_id is None:
+        raise UserError(f"the shards' tokenizer ({shards.tokenizer_path}) has no EOS token: documents cannot be told apart.")
+    embedder = None
+    if embed:
+        from rewarm.model import load_config
+        from rewarm.retro.embed import ChunkEmbedder
+        from rewarm.tokenizer import fingerprint
+
+        key_tok = load_tokenizer(embed)
+        if fingerprint(key_tok) != shards.fingerprint:
+            raise UserError(f"--embed {embed} uses another tokenizer than {shards_dir} (fingerprints "
+                            f"{fingerprint(key_tok)} vs {shards.fingerprint}): the key model must read the shards' ids.")
+        load_config(embed)
+        embedder = ChunkEmbedder(embed, layer)
+    kind = index if index != "auto" else ("flat" if n <= IVF_ABOVE else "ivfpq")
+
+    covered = n * chunk + chunk
+    tmp = out.with_name(f".{out.name}.tmp-{__import__('os').getpid()}")
+    shutil.rmtree(tmp, ignore_errors=True)
+    tmp.mkdir(parents=True)
+    try:
+        np.asarray(tokens[:covered]).tofile(tmp / "tokens.bin")
+        docs_of = _doc_ids(np.asarray(tokens[:covered]), tok.eos_token_id)
+        starts = np.arange(n, dtype=np.int64) * chunk
+        docs = np.stack([docs_of[starts], docs_of[starts + chunk - 1], docs_of[starts + 2 * chunk - 1]], axis=1)
+        np.save(tmp / "docs.npy", docs)
+        flat = np.memmap(tmp / "tokens.bin", dtype=shards.dtype, mode="r")
+        hashes = np.empty(n, dtype=np.int64)
+        block = 65536
+        for i in range(0, n, block):
+            rows = np.asarray(flat[i * chunk : min(n, i + block) * chunk]).reshape(-1, chunk)
+            hashes[i : i + len(rows)] = chunk_hashes(rows)
+        order = np.argsort(hashes, kind="stable")
+        np.save(tmp / "hashes.npy", np.stack([hashes[order], order.astype(np.int64)], axis=1))
+        meta: dict = {"format_version": FORMAT_VERSION, "chunk": chunk, "neighbour_len": 2 * chunk, "chunks": n,
+                      "dtype": shards.dtype.name, "eos_token_id": int(tok.eos_token_id),
+                      "tokenizer": dict(shards.meta["tokenizer"]),
+                      "source": {"path": str(Path(shards_dir).resolve()), "train_tokens": int(len(tokens)),
+                                 "covered_tokens": int(covered)}}
+        if embedder is not None:
+            keys = np.lib.format.open_memmap(tmp / "keys.tmp.npy", mode="w+", dtype=np.float32, shape=(n, embedder.dim))
+            bar = tqdm(total=n, desc="embedding chunks", unit="chunk", disable=not progress)
+            for i in range(0, n, 1024):
+                rows = np.asarray(flat[i * chunk : min(n, i + 1024) * chunk]).reshape(-1, chunk)
+                keys[i : i + len(rows)] = embedder(rows, batch=batch)
+                bar.update(len(rows))
+            bar.close()
+            keys.flush()
+            import faiss
+
+            idx, info = _build_faiss(keys, kind, progress)
+            faiss.write_index(idx, str(tmp / "index.faiss"))
+            del keys
+            (tmp / "keys.tmp.npy").unlink()
+            meta["keys"] = {"kind": "embed", "model": str(Path(embed).resolve()) if Path(embed).exists() else embed,
+                            "layer": embedder.layer, "dim": embedder.dim}
+            meta["index"] = info
+        else:
+            import bm25s
+
+            retriever = bm25s.BM25()
+            terms = []
+            for i in range(0, n, block):
+                rows = np.asarray(flat[i * chunk : min(n, i + block) * chunk]).reshape(-1, chunk)
+                terms.extend(bm25_terms(rows))
+            retriever.index(terms, show_progress=progress)
+            retriever.save(str(tmp / "bm25"), show_progress=False)
+            meta["keys"] = {"kind": "bm25"}
+            meta["index"] = {"type": "bm25"}
+        del flat
+        meta["build_seconds"] = round(time.perf_counter() - start, 2)
+        size = sum(p.stat().st_size for p in tmp.rglob("*") if p.is_file())
+        meta["bytes"] = size
+        atomic.write_json(tmp / "meta.json", meta)
+        if out.exists():
+            shutil.rmtree(out) if out.is_dir() else out.unlink()
+        atomic.commit(tmp, out)
+    except OSError as exc:
+        shutil.rmtree(tmp, ignore_errors=True)
+        atomic.fail_if_disk_full(exc, tmp, "the retrieval database")
+        raise
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    return BuildResult(out, n, time.perf_counter() - start, size, meta["index"]["type"])
+
+
+class RetrievalDB:
+    """A built database, opened read-only: neighbours by chunk id, documents, the key index."""
+
+    def __init__(self, path: str | Path):
+        self.path = Path(path)
+        meta_path = self.path / "meta.json"
+        if not meta_path.is_file():
+            raise UserError(f"{self.path} is not a retrieval database (no meta.json; an interrupted build leaves none). "
+                            f"Build it with `rewarm retrieval build SHARDS -o {self.path} --embed MODEL | --bm25`.")
+        try:
+            self.meta = json.loads(meta_path.read_text())
+        except ValueError:
+            raise UserError(f"{meta_path} is corrupted. Rebuild with `rewarm retrieval build ... --overwrite`.") from None
+        if self.meta.get("format_version") != FORMAT_VERSION:
+            raise UserError(f"{self.path} was written by another rewarm version (format "
+                            f"{self.meta.get('format_version')}, expected {FORMAT_VERSION}). Rebuild it.")
+        self.chunk = int(self.meta["chunk"])
+        self.n = int(self.meta["chunks"])
+        self.tokens = np.memmap(self.path / "tokens.bin", dtype=np.dtype(self.meta["dtype"]), mode="r")
+        if len(self.tokens) != self.n * self.chunk + self.chunk:
+            raise UserError(f"{self.path}/tokens.bin is truncated. Rebuild the database.")
+        self.docs = np.load(self.path / "docs.npy")
+        hashes = np.load(self.path / "hashes.npy")
+        self.hash_keys, self.hash_ids = hashes[:, 0], hashes[:, 1]
+        self._index = None
+
+    @property
+    def fingerprint(self) -> str:
+        return self.meta["tokenizer"]["fingerprint"]
+
+    @property
+    def keys(self) -> dict:
+        return self.meta["keys"]
+
+    def check_tokenizer(self, tokenizer_fp: str, who: str) -> None:
+        if tokenizer_fp != self.fingerprint:
+            raise UserError(f"retrieval database {self.path} was built with another tokenizer (fingerprint "
+                            f"{self.fingerprint}, `{self.meta['tokenizer'].get('name')}`) than {who} ({tokenizer_fp}). "
+                            f"Build the database from shards prepared with {who}'s tokenizer.")
+
+    def index(self):
+        """The key index, loaded on first use (faiss or BM25)."""
+        if self._index is None:
+            if self.keys["kind"] == "bm25":
+                import bm25s
+
+                self._index = bm25s.BM25.load(str(self.path / "bm25"), show_progress=False)
+            else:
+                import faiss
+
+                self._index = faiss.read_index(str(self.path / "index.faiss"))
+                if "nprobe" in self.meta["index"]:
+                    self._index.nprobe = int(self.meta["index"]["nprobe"])
+        return self._index
+
+    def neighbours(self, ids: np.ndarray) -> np.ndarray:
+        """(…,) chunk ids → (…, 2m) tokens: each chunk followed by its continuation."""
+        ids = np.asarray(ids, dtype=np.int64)
+        offsets = ids[..., None] * self.chunk + np.arange(2 * self.chunk)
+        return np.asarray(self.tokens[offsets.reshape(-1)]).reshape(*ids.shape, 2 * self.chunk)
+
+    def find(self, hashes: np.ndarray) -> list[np.ndarray]:
+        """For each query hash, the ids of the database chunks with exactly those tokens."""
+        lo = np.searchsorted(self.hash_keys, hashes, side="left")
+        hi = np.searchsorted(self.hash_keys, hashes, side="right")
+        return [self.hash_ids[a:b] for a, b in zip(lo, hi)]
