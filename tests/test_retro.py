@@ -151,6 +151,10 @@ def test_retrofitting_run_trains_only_the_new_layers_compares_retrieval_and_resu
     train = metrics(tmp_path / "run", "train", drop_timing=False)
     assert 0 <= train[0]["retrieval_cache_hit"] <= 1 and train[0]["retrieval_ms_per_chunk"] > 0
 
+    assert run_cli("report", str(tmp_path / "run"), "-o", str(tmp_path / "report")).returncode == 0
+    report = (tmp_path / "report" / "report.md").read_text()
+    assert "with and without neighbours" in report and f"{events[-1]['without']['downstream']:.4f}" in report
+
     # killed after step 3 and resumed: the same run to the bit
     from rewarm.rundir import RunDir
 

@@ -134,6 +134,25 @@ def health_table(runs: list[RunData]) -> tuple[list[str], list[list[str]]]:
     return ["run", "ME-PPL step 0", "ME-PPL last eval", "largest ratio", "alarms"], rows
 
 
+def retrieval_table(runs: list[RunData]) -> tuple[list[str], list[list[str]]]:
+    """RETRO runs: per eval set, held-out loss of the base (step 0), and at the end with and without
+    retrieval; the repeated-4-gram share of greedy continuations with / without retrieval."""
+    rows = []
+    for r in runs:
+        if not r.retrieval or not r.evals:
+            continue
+        first, last = r.evals[0][2], r.evals[-1][2]
+        ev = {e["step"]: e for e in r.retrieval}.get(r.evals[-1][0], r.retrieval[-1])
+        rep = next((e["repetition"] for e in reversed(r.retrieval) if "repetition" in e), None)
+        for name in last:
+            without = ev.get("without", {}).get(name)
+            rows.append([r.name, name, f"{first.get(name, float('nan')):.4f}", f"{last[name]:.4f}",
+                         f"{without:.4f}" if without is not None else "—",
+                         f"{without - last[name]:+.4f}" if without is not None else "—",
+                         f"{rep['with']:.3f} / {rep['without']:.3f}" if rep else "—"])
+    return ["run", "eval set", "base (step 0)", "with retrieval", "without retrieval", "gain", "rep-4 with / without"], rows
+
+
 def replay_table(runs: list[RunData], up: str = "upstream", down: str = "downstream") -> tuple[list[str], list[list[str]]]:
     """Runs that mix a self-generated source (`rewarm replay generate`) beside the others: what each
     replays and the price it paid, so real replay and self-replay read side by side."""
@@ -416,6 +435,7 @@ def report(paths: list[str], out_dir: str | Path, fmt: str = "md", title: str = 
               ("Text samples: greedy continuations at step 0 and at the end", *samples_table(runs)),
               ("Collapse alarm: ME-PPL of the alarm's sentences (eval.collapse)", *health_table(runs)),
               ("Replay: real vs self-generated (rewarm replay generate)", *replay_table(runs, *names)),
+              ("Retrieval (RETRO runs): held-out loss with and without neighbours, degeneration", *retrieval_table(runs)),
               ("Expert specialisation: how concentrated each eval set's routing is (lower = more specialised)",
                *routing_table(runs))]
     tables = [t for t in tables if t[2]]

@@ -36,6 +36,7 @@ class RunData:
     me_ppl: list[dict] = field(default_factory=list)  # `me_ppl` events (eval.collapse)
     alarms: list[dict] = field(default_factory=list)  # `collapse` events, and rollbacks an alarm asked for
     routing: dict = field(default_factory=dict)  # routing.json of a mixture-of-experts run (`rewarm upcycle`)
+    retrieval: list[dict] = field(default_factory=list)  # `retrieval` events of a RETRO run (loss without retrieval, repetition)
 
     @classmethod
     def load(cls, path: str | Path, name: str | None = None) -> "RunData":
@@ -50,6 +51,8 @@ class RunData:
                 run.start_info = e
             elif e.get("event") == "samples":
                 run.samples = [x for x in run.samples if x[0] != e["step"]] + [(e["step"], e["samples"])]
+            elif e.get("event") == "retrieval":
+                run.retrieval = [x for x in run.retrieval if x["step"] != e["step"]] + [e]
             elif e.get("event") == "eval":
                 run.evals.append((e["step"], e["tokens"], {k: v["loss"] for k, v in e["sets"].items()}))
             elif e.get("event") == "train":

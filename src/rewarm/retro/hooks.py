@@ -10,18 +10,10 @@ from __future__ import annotations
 
 import torch
 
-from rewarm.errors import UserError
-
 
 def _enabled(cfg) -> bool:
     r = cfg.retrieval
     return bool(r.db) or r.compare or r.repetition_prompts > 0
-
-
-def _check(cfg) -> None:
-    if cfg.retrieval.repetition_prompts > 0 and not cfg.data.eval:
-        raise UserError("`retrieval.repetition_prompts` takes its prompts from the first eval set: add one to "
-                        "`data.eval` or set it to 0.")
 
 
 def _prompts(st) -> torch.Tensor:
@@ -42,7 +34,7 @@ def _run(st, metrics) -> None:
 
     model = st.raw_model
     if not hasattr(model, "retrieval") or not st.eval_sets:
-        return None  # not a RETRO model: nothing to compare
+        return None  # not a RETRO model, or no held-out set to compare on
     r, d, step = st.cfg.retrieval, st.dist, st.state.step
     summary = st.hook_state.setdefault("summary", {}).setdefault("retrieval", {})
     event = {"event": "retrieval", "step": step, "tokens": step * st.tokens_per_step}
@@ -74,4 +66,4 @@ def _run(st, metrics) -> None:
 def register() -> None:
     from rewarm import eval_hooks
 
-    eval_hooks.register("retrieval", _enabled, _run, _check)
+    eval_hooks.register("retrieval", _enabled, _run)
