@@ -7,7 +7,7 @@
 1. `rewarm retrieval build` over the training split (keys: BASE at its middle layer, exact index);
 2. `rewarm retrofit BASE --db`; then two runs on the same data, schedule and tokens:
    retro (retrofit.freeze_base: true, RETRO's recipe) and dense (plain continued pre-training of
-   BASE, the baseline every ratio is taken against);
+   BASE at --dense-lr, the baseline every ratio is taken against);
 3. held-out loss of each run with and without retrieval (the retro run's `retrieval` events), the
    base (step 0), repetition of greedy continuations with and without retrieval, training tokens/s,
    faiss time per chunk, and greedy generation tokens/s with vs without retrieval (same no-cache path).
@@ -27,7 +27,8 @@ import yaml
 
 def rewarm(*args: str) -> float:
     start = time.perf_counter()
-    subprocess.run([sys.executable, "-m", "rewarm", *args, "-q"], check=True)
+    quiet = [] if args[0] == "downstream" else ["-q"]
+    subprocess.run([sys.executable, "-m", "rewarm", *args, *quiet], check=True)
     return time.perf_counter() - start
 
 
@@ -67,15 +68,22 @@ def main() -> None:
     ap.add_argument("--steps", type=int, default=80)
     ap.add_argument("--seq-len", type=int, default=128)
     ap.add_argument("--batch", type=int, default=16)
-    ap.add_argument("--lr", type=float, default=1e-3)
+    ap.add_argument("--lr", type=float, default=1e-3, help="peak LR of the RETRO-fitting run (new modules start from scratch)")
+    ap.add_argument("--dense-lr", type=float, default=None, help="peak LR of the dense baseline (default: --lr)")
     ap.add_argument("--chunk", type=int, default=64)
     ap.add_argument("--cca-layers", default=None)
     ap.add_argument("--max-chunks", type=int, default=None)
     ap.add_argument("--precision", default="fp32")
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--eval-tokens", type=int, default=16384)
+    ap.add_argument("--tasks", default=None, help="lm-eval tasks scored for the base and the RETRO-fitted model "
+                                                  "(with retrieval), e.g. triviaqa,nq_open,sciq")
+    ap.add_argument("--limit", type=int, default=100)
     args = ap.parse_args()
     out = args.out.resolve()
+    from rewarm.model_store import resolve
+
+    args.base = resolve(args.base, "base")  # an installed name (smollm2-135m) → its directory
     (out / "configs").mkdir(parents=True, exist_ok=True)
     db, retro_model = out / "db", out / "retro_model"
     study: dict = {"args": {k: str(v) for k, v in vars(args).items()}}
@@ -100,7 +108,9 @@ def main() -> None:
               "checkpoint": {"interval": 0}}
     runs = {"retro": dict(common, out_dir=str(out / "runs" / "retro"), model={"path": str(retro_model)},
                           retrieval={"repetition_prompts": 4, "repetition_tokens": 64}),
-            "dense": dict(common, out_dir=str(out / "runs" / "dense"), model={"path": args.base})}
+            "dense": dict(common, out_dir=str(out / "runs" / "dense"), model={"path": args.base},
+                          schedule=dict(common["schedule"], max_lr=args.dense_lr or args.lr,
+                                        min_lr=(args.dense_lr or args.lr) / 10))}
     for name, cfg in runs.items():
         run = Path(cfg["out_dir"])
         path = out / "configs" / f"{name}.yaml"
@@ -118,6 +128,13 @@ def main() -> None:
     study["retrieval_events"] = rr
     study["generation_tokens_per_s"] = generation_speed(out / "runs" / "retro" / "final", Path(evals[0]["path"]),
                                                         meta["chunk"])
+    if args.tasks:
+        for label, model in (("base", args.base), ("retro", str(out / "runs" / "retro" / "final"))):
+            res = out / f"downstream_{label}.json"
+            if not res.exists():
+                study.setdefault("wall_s", {})[f"downstream {label}"] = rewarm(
+                    "downstream", model, "--tasks", args.tasks, "--limit", str(args.limit), "-o", str(res))
+            study.setdefault("downstream", {})[label] = json.loads(res.read_text())["tasks"]
     (out / "study.json").write_text(json.dumps(study, indent=1))
 
     names = [e["name"] for e in evals]
@@ -139,6 +156,11 @@ def main() -> None:
     print(f"\ndatabase: {study['db']['chunks']:,} chunks, {study['db']['mib']:.1f} MiB, built in {study['db']['build_s']:.0f} s; "
           f"training tokens/s retro / dense = {ratio:.2f}; search {sum(ms) / max(1, len(ms)):.2f} ms per uncached chunk; "
           f"generation {g['with']:.1f} vs {g['without']:.1f} tokens/s with / without retrieval")
+    for task in study.get("downstream", {}).get("base", {}):
+        b, t = study["downstream"]["base"][task], study["downstream"]["retro"][task]
+        key = next(k for k in b if k in ("acc",) or k.startswith("exact_match,"))
+        print(f"{task}: {key} base {b[key]:.3f} ± {b.get(key.replace(',', '_stderr,', 1) if ',' in key else key + '_stderr', 0):.3f}"
+              f", RETRO-fitted with retrieval {t[key]:.3f} (n = {b['n']})")
 
 
 if __name__ == "__main__":

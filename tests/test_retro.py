@@ -119,19 +119,25 @@ def test_database_flat_and_ivfpq_agree_and_same_document_neighbours_are_excluded
     assert torch.equal(top[0, 0, 0, :CHUNK], window[0, :CHUNK])
 
 
-def test_retrofitting_run_trains_only_the_new_layers_compares_retrieval_and_resumes_exactly(tmp_path, trained, shards):
+@pytest.fixture(scope="module")
+def retro_model(trained, shards):
+    """A database over the code shards (keys: the trained base at layer 1) and the base retro-fitted on it."""
     root, base = trained
-    db = tmp_path / "db"
+    db = root / "db"
     assert run_cli("retrieval", "build", str(shards["downstream"]), "-o", str(db), "--chunk", str(CHUNK),
                    "--embed", str(base), "-q").returncode == 0
-    proc = run_cli("retrofit", str(base), "-o", str(tmp_path / "retro"), "--db", str(db), "--cca-layers", "2")
+    proc = run_cli("retrofit", str(base), "-o", str(root / "retro"), "--db", str(db), "--cca-layers", "2")
     assert proc.returncode == 0, proc.stderr
     assert "step-0 logit gap" in proc.stdout
+    return root / "retro"
+
+
+def test_retrofitting_run_trains_only_the_new_layers_compares_retrieval_and_resumes_exactly(tmp_path, retro_model, shards):
     cfg = small_run_config(tmp_path / "run", shards, **{
-        "init": "weights", "model": {"path": str(tmp_path / "retro")}, "train.max_steps": 6,
+        "init": "weights", "model": {"path": str(retro_model)}, "train.max_steps": 6,
         "retrieval.repetition_prompts": 2, "retrieval.repetition_tokens": 8})
     assert run_cli("train", str(write_config(tmp_path / "run.yaml", cfg)), "-q").returncode == 0
-    before = AutoModelForCausalLM.from_pretrained(tmp_path / "retro").state_dict()
+    before = AutoModelForCausalLM.from_pretrained(retro_model).state_dict()
     after = AutoModelForCausalLM.from_pretrained(tmp_path / "run" / "final").state_dict()
     new = [k for k in before if ".cca." in k or k.startswith("backbone.encoder.")]
     assert new and all(not torch.equal(before[k], after[k]) for k in new if k.endswith("attn.o.weight"))
@@ -165,7 +171,28 @@ def test_retrofitting_run_trains_only_the_new_layers_compares_retrieval_and_resu
     assert_same_run(tmp_path / "run", tmp_path / "again")
 
 
-def test_bad_retrieval_inputs_exit_2(tmp_path, trained, shards, tokenizer_dir):
+def test_retrofitting_on_two_ranks_matches_one_process(tmp_path, retro_model, shards):
+    """DDP with 2 gloo ranks (each retrieving for its own rows), everything trained (InstructRetro's
+    recipe): the same losses and weights as one process with the same global batch."""
+    losses, weights = {}, {}
+    for name, nproc in (("one", None), ("two", "2")):
+        cfg = small_run_config(tmp_path / name, shards, **{
+            "init": "weights", "model": {"path": str(retro_model)}, "train.max_steps": 3, "train.micro_batch": 2,
+            "retrofit.freeze_base": False, "eval.interval": 100, "retrieval.repetition_prompts": 0,
+            "checkpoint.interval": 0})
+        args = ["train", str(write_config(tmp_path / f"{name}.yaml", cfg)), "-q"] + (["--nproc", nproc] if nproc else [])
+        proc = run_cli(*args, timeout=300, subprocess=bool(nproc))
+        assert proc.returncode == 0, proc.stderr[-3000:]
+        losses[name] = [e["loss"] for e in metrics(tmp_path / name, "train")]
+        weights[name] = AutoModelForCausalLM.from_pretrained(tmp_path / name / "final").state_dict()
+    assert losses["two"] == pytest.approx(losses["one"], abs=1e-5)
+    for key, value in weights["one"].items():
+        assert torch.allclose(value, weights["two"][key], atol=1e-5), key
+    base = AutoModelForCausalLM.from_pretrained(retro_model).state_dict()
+    assert any(not torch.equal(v, weights["two"][k]) for k, v in base.items() if "layers.0." in k)  # the base trained too
+
+
+def test_bad_retrieval_inputs_exit_2(tmp_path, trained, retro_model, shards):
     root, base = trained
     out = tmp_path / "db"
     assert_user_error(run_cli("retrieval", "build", str(shards["downstream"]), "-o", str(out), "--chunk", "1",
@@ -195,5 +222,9 @@ def test_bad_retrieval_inputs_exit_2(tmp_path, trained, shards, tokenizer_dir):
     cfg = small_run_config(tmp_path / "run", shards, **{"init": "weights", "model": {"path": str(base)},
                                                          "retrieval.db": str(tmp_path / "otherdb")})
     assert_user_error(run_cli("train", str(write_config(tmp_path / "c.yaml", cfg)), "-q"), "rewarm retrofit")
+    cfg = small_run_config(tmp_path / "run", shards, **{"init": "weights", "model": {"path": str(retro_model)},
+                                                         "train.seq_len": 24})
+    assert_user_error(run_cli("train", str(write_config(tmp_path / "d.yaml", cfg)), "-q"), "multiple of the database's chunk")
+    assert not (tmp_path / "run").exists()
     assert_user_error(run_cli("retrofit", str(base), "-o", str(tmp_path / "r3"), "--cca-layers", "7"), "--cca-layers")
     assert_user_error(run_cli("retrofit", str(base), "-o", str(tmp_path / "r4"), "--cca-layers", "x"), "--cca-layers")

@@ -33,6 +33,7 @@ from rewarm.data.shards import TokenShards
 from rewarm.errors import UserError
 
 log = logging.getLogger(__name__)
+logging.getLogger("faiss.loader").setLevel(logging.WARNING)  # which CPU build it picked is not news to users
 
 FORMAT_VERSION = 1
 IVF_ABOVE = 200_000  # chunks: an exact flat index up to here (`--index auto`), IVF-PQ above
