@@ -254,7 +254,9 @@ class RetrievalDB:
                 self._index = bm25s.BM25.load(str(self.path / "bm25"), show_progress=False)
             else:
                 import faiss
+                import torch
 
+                faiss.omp_set_num_threads(max(1, torch.get_num_threads()))  # the run's thread budget, not every core
                 self._index = faiss.read_index(str(self.path / "index.faiss"))
                 if "nprobe" in self.meta["index"]:
                     self._index.nprobe = int(self.meta["index"]["nprobe"])
