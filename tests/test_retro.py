@@ -76,6 +76,12 @@ def test_retrofitted_model_equals_its_base_at_step_0_and_cca_is_causal(tmp_path,
     nb3[:, 0] = torch.randint(0, vocab, nb3[:, 0].shape, generator=g)
     c = retro(input_ids=ids, neighbours=nb3).logits
     assert torch.equal(a[:, : CHUNK - 1], c[:, : CHUNK - 1]) and not torch.allclose(a[:, CHUNK - 1], c[:, CHUNK - 1])
+    # left padding: a chunk holding a pad token retrieved with it, so nothing reads its neighbours
+    mask = torch.ones_like(ids)
+    mask[1, :3] = 0
+    d = retro(input_ids=ids, neighbours=nb, attention_mask=mask).logits
+    e = retro(input_ids=ids, neighbours=nb3, attention_mask=mask).logits  # only chunk 0's neighbours differ
+    assert torch.equal(d[1], e[1]) and not torch.allclose(d[0, CHUNK - 1], e[0, CHUNK - 1])
 
 
 def test_database_flat_and_ivfpq_agree_and_same_document_neighbours_are_excluded(tmp_path, trained, shards):

@@ -134,15 +134,18 @@ class ChunkedCrossAttention(nn.Module):
         self.norm = nn.LayerNorm(d)
         self.attn = _Attention(d, heads)
 
-    def forward(self, h: torch.Tensor, encoded: torch.Tensor) -> torch.Tensor:
-        """h (B, T, d), encoded (B, U, k·r, d) with U = T // m → the update to add to h."""
+    def forward(self, h: torch.Tensor, encoded: torch.Tensor, valid: torch.Tensor | None = None) -> torch.Tensor:
+        """h (B, T, d), encoded (B, U, k·r, d) with U = T // m → the update to add to h. `valid` (B, U):
+        chunks holding padding retrieved with pad tokens; the positions that read them get nothing."""
         b, t, d = h.shape
         m, u = self.chunk, encoded.shape[1]
         x = self.norm(h[:, m - 1 :])  # position m−1 is chunk 0's last token: the first that may read chunk 0
         span = x.shape[1]
         x = F.pad(x, (0, 0, 0, u * m - span)).reshape(b * u, m, d)
-        out = self.attn(x, encoded.reshape(b * u, -1, d)).reshape(b, u * m, d)[:, :span]
-        return F.pad(out, (0, 0, m - 1, 0))
+        out = self.attn(x, encoded.reshape(b * u, -1, d)).reshape(b, u * m, d)
+        if valid is not None:
+            out = out * valid.repeat_interleave(m, dim=1)[:, :, None].to(out.dtype)
+        return F.pad(out[:, :span], (0, 0, m - 1, 0))
 
 
 class _RetroState:
@@ -151,6 +154,7 @@ class _RetroState:
     def __init__(self):
         self.neighbours: torch.Tensor | None = None
         self.encoded: torch.Tensor | None = None
+        self.valid: torch.Tensor | None = None  # (B, U): False for chunks that hold padding
         self.encode = None
 
 
@@ -170,7 +174,7 @@ class RetroLayer(nn.Module):
         if state.encoded is None:
             return out
         h = out[0] if isinstance(out, tuple) else out
-        h = h + self.cca(h, state.encoded).to(h.dtype)
+        h = h + self.cca(h, state.encoded, state.valid).to(h.dtype)
         return (h, *out[1:]) if isinstance(out, tuple) else h
 
 
@@ -235,13 +239,18 @@ class RetroBackbone(nn.Module):
                     raise ValueError("a RETRO model with retrieval reads whole sequences: generate with use_cache=False")
                 neighbours = retriever(input_ids)
         self._state.neighbours = neighbours if neighbours is not None and neighbours.shape[1] > 0 else None
-        self._state.encoded = None
+        self._state.encoded = self._state.valid = None
+        if self._state.neighbours is not None and attention_mask is not None and attention_mask.dim() == 2 \
+                and not bool(attention_mask.all()):  # padded batches (lm-eval): a chunk with padding reads nothing
+            b, u = self._state.neighbours.shape[:2]
+            m = self.config.chunk
+            self._state.valid = attention_mask[:, : u * m].reshape(b, u, m).bool().all(-1)
         kwargs[self._cache_arg] = past
         try:
             out = self.inner(input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids,
                              inputs_embeds=inputs_embeds, use_cache=use_cache, **kwargs)
         finally:
-            self._state.neighbours = self._state.encoded = None
+            self._state.neighbours = self._state.encoded = self._state.valid = None
         return out
 
 
