@@ -118,6 +118,17 @@ def test_database_flat_and_ivfpq_agree_and_same_document_neighbours_are_excluded
     assert out.shape == (1, 2, 2, 2 * CHUNK) and r.stats["excluded"] > 0
     again = r(window)  # cached: same answer, no new search
     assert torch.equal(out, again) and r.stats["cache_hits"] == 2
+    r(window, count=False)  # evaluation's queries are not counted in the (training) rates
+    assert r.stats["cache_hits"] == 2 and r.stats["queries"] == 4
+
+    # a database that is all the window's own documents: the neighbours are EOS, never the window's text
+    tiny = RetrievalDB(build(shards["downstream"], tmp_path / "tiny", chunk=CHUNK, bm25=True, max_chunks=3,
+                             progress=False).path)
+    first = torch.from_numpy(train[: 2 * CHUNK].astype(np.int64))[None]
+    own = {int(d) for j in range(3) for d in range(tiny.docs[j][0], tiny.docs[j][2] + 1)}
+    got = Retriever(tiny, k=2, exclude_same_doc=True)(first)
+    eos = tiny.meta["eos_token_id"]
+    assert own == {0} and (got == eos).all()  # (the code corpus's first document is longer than 4 chunks)
 
     # BM25 keys: the chunk itself comes first
     bm = build(shards["downstream"], tmp_path / "bm25", chunk=CHUNK, bm25=True, max_chunks=2000, progress=False)
@@ -154,6 +165,8 @@ def test_retrofitting_run_trains_only_the_new_layers_compares_retrieval_and_resu
     assert [e["step"] for e in events] == [e["step"] for e in evals] == [0, 3, 6]
     assert events[0]["without"] == pytest.approx({k: v["loss"] for k, v in evals[0]["sets"].items()}, abs=1e-5)
     assert all(events[-1]["without"][k] != evals[-1]["sets"][k]["loss"] for k in events[-1]["without"])
+    assert events[0]["random"] == events[0]["without"]  # step 0: CCA adds nothing, whatever the neighbours
+    assert events[-1]["random"].keys() == events[-1]["without"].keys()
     # frozen base: without retrieval it is the base model at every step
     assert events[-1]["without"] == pytest.approx(events[0]["without"], abs=1e-5)
     rep = events[-1]["repetition"]
@@ -166,6 +179,7 @@ def test_retrofitting_run_trains_only_the_new_layers_compares_retrieval_and_resu
     assert run_cli("report", str(tmp_path / "run"), "-o", str(tmp_path / "report")).returncode == 0
     report = (tmp_path / "report" / "report.md").read_text()
     assert "with and without neighbours" in report and f"{events[-1]['without']['downstream']:.4f}" in report
+    assert f"{events[-1]['random']['downstream']:.4f}" in report
 
     # killed after step 3 and resumed: the same run to the bit
     from rewarm.rundir import RunDir
@@ -234,3 +248,37 @@ def test_bad_retrieval_inputs_exit_2(tmp_path, trained, retro_model, shards):
     assert not (tmp_path / "run").exists()
     assert_user_error(run_cli("retrofit", str(base), "-o", str(tmp_path / "r3"), "--cca-layers", "7"), "--cca-layers")
     assert_user_error(run_cli("retrofit", str(base), "-o", str(tmp_path / "r4"), "--cca-layers", "x"), "--cca-layers")
+    assert_user_error(run_cli("retrofit", str(base), "-o", str(tmp_path / "r4"), "--cca-layers", ","), "--cca-layers")
+
+    # --overwrite replaces only what it made: never the shards, a model, or the base itself
+    for args in (("retrieval", "build", str(shards["downstream"]), "-o", str(other), "--bm25", "--overwrite"),
+                 ("retrofit", str(base), "-o", str(base), "--overwrite"),
+                 ("retrofit", str(base), "-o", str(other), "--overwrite")):
+        assert_user_error(run_cli(*args), "--overwrite" if "build" in args or str(other) in args else "base model")
+    assert (other / "meta.json").is_file() and (base / "config.json").is_file()
+    assert_user_error(run_cli("retrieval", "build", str(shards["downstream"]), "-o", str(tmp_path / "pq"), "--embed",
+                              str(base), "--index", "ivfpq", "--max-chunks", "100"), "--index flat")
+
+    # a damaged database, and one that is gone: refused wherever the model is used
+    import shutil
+
+    bm = tmp_path / "bm"
+    assert run_cli("retrieval", "build", str(shards["downstream"]), "-o", str(bm), "--chunk", str(CHUNK), "--bm25",
+                   "--max-chunks", "1500", "-q").returncode == 0
+    assert run_cli("retrofit", str(base), "-o", str(tmp_path / "r5"), "--db", str(bm), "--cca-layers", "2",
+                   "--k", "3").returncode == 0
+    cfg = small_run_config(tmp_path / "run5", shards, **{"init": "weights", "model": {"path": str(tmp_path / "r5")},
+                                                          "train.max_steps": 4, "checkpoint.interval": 2,
+                                                          "retrieval.repetition_prompts": 0})
+    assert run_cli("train", str(write_config(tmp_path / "r5.yaml", cfg)), "-q").returncode == 0
+    assert json.loads((tmp_path / "run5" / "final" / "config.json").read_text())["retrieval_k"] == 3  # the model's k
+    from rewarm.rundir import RunDir
+
+    interrupt_after(RunDir(tmp_path / "run5"), "step_000004")
+    assert run_cli("retrieval", "build", str(shards["downstream"]), "-o", str(bm), "--chunk", str(CHUNK), "--bm25",
+                   "--max-chunks", "1200", "--overwrite", "-q").returncode == 0
+    assert_user_error(run_cli("train", str(tmp_path / "r5.yaml"), "--resume", "-q"), "was rebuilt")
+    (bm / "docs.npy").unlink()
+    assert_user_error(run_cli("eval", str(tmp_path / "r5"), "--data", f"code={shards['downstream']}"), "damaged")
+    shutil.rmtree(bm)
+    assert_user_error(run_cli("eval", str(tmp_path / "r5"), "--data", f"code={shards['downstream']}"), "does not exist")

@@ -553,6 +553,8 @@ def _cmd_retrofit(args: argparse.Namespace) -> int:
     if args.cca_layers:
         try:
             layers = [int(x) for x in args.cca_layers.split(",") if x.strip()]
+            if not layers:
+                raise ValueError
         except ValueError:
             raise UserError(f"--cca-layers must be comma-separated layer numbers (1-indexed), e.g. 6,9,12; got "
                             f"{args.cca_layers!r}.") from None

@@ -95,7 +95,7 @@ class MoEConfig:
 class RetrievalConfig:
     db: Optional[str] = _f(None, "RETRO models (`rewarm retrofit`): the retrieval database (`rewarm retrieval build`); "
                                  "default: the one the model was retro-fitted with")
-    k: int = _f(2, "neighbours per chunk")
+    k: Optional[int] = _f(None, "neighbours per chunk (default: the model's, set by `rewarm retrofit --k`)")
     exclude_same_doc: bool = _f(True, "skip neighbours from the documents of the window being predicted (no leakage)")
     compare: bool = _f(True, "at each eval, also score the held-out windows without retrieval (event `retrieval`)")
     repetition_prompts: int = _f(4, "at the last eval, greedy continuations of N held-out prompts with and without "

@@ -135,8 +135,9 @@ def health_table(runs: list[RunData]) -> tuple[list[str], list[list[str]]]:
 
 
 def retrieval_table(runs: list[RunData]) -> tuple[list[str], list[list[str]]]:
-    """RETRO runs: per eval set, held-out loss of the base (step 0), and at the end with and without
-    retrieval; the repeated-4-gram share of greedy continuations with / without retrieval."""
+    """RETRO runs: per eval set, held-out loss of the base (step 0), and at the end with retrieval,
+    with random database neighbours (the control) and without neighbours; what relevant neighbours buy
+    (random − with); the repeated-4-gram share of greedy continuations with / without retrieval."""
     rows = []
     for r in runs:
         if not r.retrieval or not r.evals:
@@ -145,12 +146,13 @@ def retrieval_table(runs: list[RunData]) -> tuple[list[str], list[list[str]]]:
         ev = {e["step"]: e for e in r.retrieval}.get(r.evals[-1][0], r.retrieval[-1])
         rep = next((e["repetition"] for e in reversed(r.retrieval) if "repetition" in e), None)
         for name in last:
-            without = ev.get("without", {}).get(name)
-            rows.append([r.name, name, f"{first.get(name, float('nan')):.4f}", f"{last[name]:.4f}",
-                         f"{without:.4f}" if without is not None else "—",
-                         f"{without - last[name]:+.4f}" if without is not None else "—",
+            without, rand = ev.get("without", {}).get(name), ev.get("random", {}).get(name)
+            fmt = lambda x: f"{x:.4f}" if x is not None else "—"  # noqa: E731
+            rows.append([r.name, name, fmt(first.get(name)), fmt(last[name]), fmt(rand), fmt(without),
+                         f"{rand - last[name]:+.4f}" if rand is not None else "—",
                          f"{rep['with']:.3f} / {rep['without']:.3f}" if rep else "—"])
-    return ["run", "eval set", "base (step 0)", "with retrieval", "without retrieval", "gain", "rep-4 with / without"], rows
+    return ["run", "eval set", "base (step 0)", "with retrieval", "random neighbours", "no neighbours",
+            "relevant − random", "rep-4 with / without"], rows
 
 
 def replay_table(runs: list[RunData], up: str = "upstream", down: str = "downstream") -> tuple[list[str], list[list[str]]]:

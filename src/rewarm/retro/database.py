@@ -34,9 +34,11 @@ from rewarm.errors import UserError
 
 log = logging.getLogger(__name__)
 logging.getLogger("faiss.loader").setLevel(logging.WARNING)  # which CPU build it picked is not news to users
+logging.getLogger("bm25s").setLevel(logging.WARNING)
 
 FORMAT_VERSION = 1
 IVF_ABOVE = 200_000  # chunks: an exact flat index up to here (`--index auto`), IVF-PQ above
+IVF_MIN = 1_000  # chunks IVF-PQ needs at least to train its quantisers (256 codes per sub-quantiser)
 INDEX_TYPES = ("auto", "flat", "ivfpq")
 
 
@@ -61,10 +63,28 @@ class BuildResult:
     index: str
 
 
-def _doc_ids(tokens: np.ndarray, eos: int) -> np.ndarray:
-    """Document of each token: the number of EOS tokens strictly before it."""
-    is_eos = np.asarray(tokens) == eos
-    return np.concatenate([[0], np.cumsum(is_eos[:-1], dtype=np.int64)])
+def is_database(path: Path) -> bool:
+    """Whether `path` is a directory this module wrote (what --overwrite may replace)."""
+    try:
+        meta = json.loads((Path(path) / "meta.json").read_text())
+    except (OSError, ValueError):
+        return False
+    return isinstance(meta, dict) and "chunk" in meta and "keys" in meta and (Path(path) / "tokens.bin").is_file()
+
+
+def _chunk_documents(tokens: np.ndarray, n: int, chunk: int, eos: int, block: int = 1 << 16) -> np.ndarray:
+    """(n, 3): the document (EOS tokens strictly before) of each chunk's first token, last token and
+    its neighbour's last token. Block by block: memory holds one block of tokens, not the corpus."""
+    docs = np.empty((n, 3), dtype=np.int64)
+    before = 0  # EOS tokens before the current block
+    for i in range(0, n, block):
+        j = min(n, i + block)
+        span = np.asarray(tokens[i * chunk : j * chunk + chunk]) == eos  # + the last chunk's continuation
+        cum = np.concatenate([[0], np.cumsum(span, dtype=np.int64)])  # cum[t] = EOS before offset t
+        starts = (np.arange(i, j, dtype=np.int64) - i) * chunk
+        docs[i:j] = before + np.stack([cum[starts], cum[starts + chunk - 1], cum[starts + 2 * chunk - 1]], axis=1)
+        before += int(span[: (j - i) * chunk].sum())
+    return docs
 
 
 def _build_faiss(keys: np.ndarray, kind: str, progress: bool) -> tuple[object, dict]:
@@ -105,8 +125,13 @@ def build(shards_dir: str | Path, out: str | Path, *, chunk: int = 64, embed: st
         raise UserError(f"--index must be one of {', '.join(INDEX_TYPES)}, got {index!r}.")
     if bm25 and index != "auto":
         raise UserError("--index chooses the faiss index of embedding keys; BM25 keeps its own. Drop --index.")
+    if max_chunks is not None and max_chunks < 2:
+        raise UserError(f"--max-chunks must be at least 2, got {max_chunks}.")
     if out.exists() and not overwrite:
         raise UserError(f"{out} already exists. Choose another -o, or pass --overwrite to rebuild it.")
+    if out.exists() and not is_database(out):
+        raise UserError(f"--overwrite would delete {out}, which is not a retrieval database rewarm built. "
+                        f"Choose another -o.")
     shards = TokenShards(shards_dir)
     tokens = shards.split("train")
     n = (len(tokens) - chunk) // chunk  # every chunk has a full continuation
@@ -133,20 +158,24 @@ def build(shards_dir: str | Path, out: str | Path, *, chunk: int = 64, embed: st
         load_config(embed)
         embedder = ChunkEmbedder(embed, layer)
     kind = index if index != "auto" else ("flat" if n <= IVF_ABOVE else "ivfpq")
+    if kind == "ivfpq" and n < IVF_MIN:
+        raise UserError(f"--index ivfpq needs at least {IVF_MIN:,} chunks to train its quantisers; this database "
+                        f"has {n:,}. Use --index flat (exact, and fast at this size).")
 
     covered = n * chunk + chunk
-    tmp = out.with_name(f".{out.name}.tmp-{__import__('os').getpid()}")
+    tmp = atomic.temp_path(out)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    atomic.remove_stale_temps(out.parent, f".{out.name}.tmp-*")  # what a killed build left behind
     shutil.rmtree(tmp, ignore_errors=True)
     tmp.mkdir(parents=True)
+    block = 65536
     try:
-        np.asarray(tokens[:covered]).tofile(tmp / "tokens.bin")
-        docs_of = _doc_ids(np.asarray(tokens[:covered]), tok.eos_token_id)
-        starts = np.arange(n, dtype=np.int64) * chunk
-        docs = np.stack([docs_of[starts], docs_of[starts + chunk - 1], docs_of[starts + 2 * chunk - 1]], axis=1)
-        np.save(tmp / "docs.npy", docs)
+        with open(tmp / "tokens.bin", "wb") as f:
+            for i in range(0, covered, block * chunk):
+                f.write(np.asarray(tokens[i : min(covered, i + block * chunk)]).tobytes())
+        np.save(tmp / "docs.npy", _chunk_documents(tokens, n, chunk, tok.eos_token_id))
         flat = np.memmap(tmp / "tokens.bin", dtype=shards.dtype, mode="r")
         hashes = np.empty(n, dtype=np.int64)
-        block = 65536
         for i in range(0, n, block):
             rows = np.asarray(flat[i * chunk : min(n, i + block) * chunk]).reshape(-1, chunk)
             hashes[i : i + len(rows)] = chunk_hashes(rows)
@@ -214,22 +243,39 @@ class RetrievalDB:
         if not meta_path.is_file():
             raise UserError(f"{self.path} is not a retrieval database (no meta.json; an interrupted build leaves none). "
                             f"Build it with `rewarm retrieval build SHARDS -o {self.path} --embed MODEL | --bm25`.")
+        rebuild = f"Rebuild it with `rewarm retrieval build ... -o {self.path} --overwrite`."
         try:
             self.meta = json.loads(meta_path.read_text())
-        except ValueError:
-            raise UserError(f"{meta_path} is corrupted. Rebuild with `rewarm retrieval build ... --overwrite`.") from None
-        if self.meta.get("format_version") != FORMAT_VERSION:
-            raise UserError(f"{self.path} was written by another rewarm version (format "
-                            f"{self.meta.get('format_version')}, expected {FORMAT_VERSION}). Rebuild it.")
-        self.chunk = int(self.meta["chunk"])
-        self.n = int(self.meta["chunks"])
-        self.tokens = np.memmap(self.path / "tokens.bin", dtype=np.dtype(self.meta["dtype"]), mode="r")
-        if len(self.tokens) != self.n * self.chunk + self.chunk:
-            raise UserError(f"{self.path}/tokens.bin is truncated. Rebuild the database.")
-        self.docs = np.load(self.path / "docs.npy")
-        hashes = np.load(self.path / "hashes.npy")
+            if not isinstance(self.meta, dict):
+                raise ValueError("not a mapping")
+            if self.meta.get("format_version") != FORMAT_VERSION:
+                raise UserError(f"{self.path} was written by another rewarm version (format "
+                                f"{self.meta.get('format_version')}, expected {FORMAT_VERSION}). {rebuild}")
+            self.chunk, self.n = int(self.meta["chunk"]), int(self.meta["chunks"])
+            self.meta["tokenizer"]["fingerprint"], self.meta["keys"]["kind"]  # noqa: B018 (present, or KeyError)
+            self.tokens = np.memmap(self.path / "tokens.bin", dtype=np.dtype(self.meta["dtype"]), mode="r")
+            if len(self.tokens) != self.n * self.chunk + self.chunk:
+                raise ValueError(f"tokens.bin holds {len(self.tokens)} tokens, meta.json says "
+                                 f"{self.n * self.chunk + self.chunk}")
+            self.docs = np.load(self.path / "docs.npy")
+            hashes = np.load(self.path / "hashes.npy")
+            if self.docs.shape != (self.n, 3) or hashes.shape != (self.n, 2):
+                raise ValueError("docs.npy / hashes.npy do not match meta.json")
+            index_file = self.path / ("bm25" if self.meta["keys"]["kind"] == "bm25" else "index.faiss")
+            if not index_file.exists():
+                raise ValueError(f"{index_file.name} is missing")
+            if self.meta["keys"]["kind"] == "embed" and not Path(self.meta["keys"]["model"]).exists():
+                raise UserError(f"the key model of {self.path} ({self.meta['keys']['model']}) is gone: queries must be "
+                                f"keyed by the model that keyed the database. Restore it, or {rebuild[0].lower()}{rebuild[1:]}")
+        except (OSError, ValueError, KeyError, TypeError, AttributeError) as exc:
+            raise UserError(f"{self.path} is a damaged retrieval database ({type(exc).__name__}: {exc}). {rebuild}") from None
         self.hash_keys, self.hash_ids = hashes[:, 0], hashes[:, 1]
         self._index = None
+
+    @property
+    def identity(self) -> str:
+        """A short id of this build (its meta.json): a database rebuilt at the same path gets another."""
+        return hashlib.blake2b((self.path / "meta.json").read_bytes(), digest_size=8).hexdigest()
 
     @property
     def fingerprint(self) -> str:
@@ -263,10 +309,13 @@ class RetrievalDB:
         return self._index
 
     def neighbours(self, ids: np.ndarray) -> np.ndarray:
-        """(…,) chunk ids → (…, 2m) tokens: each chunk followed by its continuation."""
+        """(…,) chunk ids → (…, 2m) tokens: each chunk followed by its continuation; id −1 (no
+        admissible neighbour) → 2m EOS tokens, which carry no text."""
         ids = np.asarray(ids, dtype=np.int64)
-        offsets = ids[..., None] * self.chunk + np.arange(2 * self.chunk)
-        return np.asarray(self.tokens[offsets.reshape(-1)]).reshape(*ids.shape, 2 * self.chunk)
+        offsets = np.maximum(ids, 0)[..., None] * self.chunk + np.arange(2 * self.chunk)
+        out = np.asarray(self.tokens[offsets.reshape(-1)]).reshape(*ids.shape, 2 * self.chunk).astype(np.int64)
+        out[ids < 0] = int(self.meta["eos_token_id"])
+        return out
 
     def find(self, hashes: np.ndarray) -> list[np.ndarray]:
         """For each query hash, the ids of the database chunks with exactly those tokens."""

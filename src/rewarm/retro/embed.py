@@ -18,6 +18,7 @@ class ChunkEmbedder:
 
         model = load_pretrained(model_dir)
         body = getattr(model, model.base_model_prefix, None)
+        body = getattr(body, "inner", body)  # a RETRO (or MoE) model: key with its own decoder, neighbours off
         layers = getattr(body, "layers", None)
         if layers is None:
             raise UserError(f"{model_dir}: the key model must be a decoder with `layers` (GPT-NeoX, Llama); "

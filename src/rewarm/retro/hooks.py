@@ -1,8 +1,11 @@
 """The `eval.retrieval` hook (registered on `import rewarm`): what retrieval buys, measured in the run.
 
-At every eval of a RETRO model (`retrieval.compare`): the same held-out windows scored again with
-retrieval off (no neighbours, no CCA), written as a `retrieval` event beside the `eval` event; at
-step 0 both equal the base model (summary.json's `initial`). At the last eval (`retrieval.repetition_prompts` > 0): the
+At every eval of a RETRO model (`retrieval.compare`): the same held-out windows scored again
+- with retrieval off (no neighbours, no CCA: at step 0 and, with a frozen base, always the base), and
+- with neighbours drawn at random from the database (the control: trained CCA layers can lower the
+  loss with *any* text — a learned bias, extra capacity — and only the part beyond this control is
+  what relevant neighbours buy),
+written as a `retrieval` event beside the `eval` event. At the last eval (`retrieval.repetition_prompts` > 0): the
 repeated-4-gram share of greedy continuations of held-out prompts with and without retrieval
 (rank 0). The last values also go into summary.json under `retrieval`.
 """
@@ -40,12 +43,14 @@ def _run(st, metrics) -> None:
     event = {"event": "retrieval", "step": step, "tokens": step * st.tokens_per_step}
     if r.compare:
         sharded = d.active and d.strategy == "ddp"
-        with torch.no_grad(), model.retrieval(False):
-            without = evaluate(distributed.unwrap(st.model) if sharded else st.model, st.eval_sets, st.cfg.eval.batch,
+        for mode, key in ((False, "without"), ("random", "random")):
+            # DDP: rank r scores windows r, r + world, ...; the random neighbours are seeded per rank and step
+            with torch.no_grad(), model.retrieval(mode, seed=st.cfg.seed + step * 1000 + d.rank):
+                res = evaluate(distributed.unwrap(st.model) if sharded else st.model, st.eval_sets, st.cfg.eval.batch,
                                st.device, st.precision, rank=d.rank if sharded else 0, world=d.world if sharded else 1,
                                reduce=(lambda xs: d.sum(xs, st.device)) if sharded else None)
-        event["without"] = {name: v["loss"] for name, v in without.items()}
-        summary["loss_without"] = event["without"]
+            event[key] = {name: v["loss"] for name, v in res.items()}
+            summary[f"loss_{key}"] = event[key]
     if r.repetition_prompts > 0 and step == last_step(st.cfg.train) and not (d.active and d.strategy == "fsdp"):
         if d.is_main:
             prompts = _prompts(st).to(st.device)

@@ -45,12 +45,15 @@ class RetroConfig(PretrainedConfig):
     model_type = MODEL_TYPE
 
     def __init__(self, base: dict | None = None, chunk: int = 64, retrieval_k: int = 2, cca_layers: list | None = None,
-                 encoder_layers: int = 2, retrieval_db: str | None = None, exclude_same_doc: bool = True, **kwargs):
+                 encoder_layers: int = 2, retrieval_db: str | None = None, exclude_same_doc: bool = True,
+                 retrieval_db_id: str | None = None, retrieval_tokenizer: str | None = None, **kwargs):
         self.base = dict(base or {"model_type": "gpt_neox"})
         self.chunk, self.retrieval_k, self.encoder_layers = int(chunk), int(retrieval_k), int(encoder_layers)
         n = int(self.base.get("num_hidden_layers", 0) or 0)
         self.cca_layers = [int(x) for x in (cca_layers if cca_layers is not None else default_cca_layers(n))]
         self.retrieval_db, self.exclude_same_doc = retrieval_db, bool(exclude_same_doc)
+        # which build of the database, and the tokenizer it holds ids of: checked whenever it is opened
+        self.retrieval_db_id, self.retrieval_tokenizer = retrieval_db_id, retrieval_tokenizer
         if self.chunk < 2 or self.retrieval_k < 1 or self.encoder_layers < 1:
             raise ValueError(f"chunk must be >= 2, retrieval_k >= 1 and encoder_layers >= 1; got {chunk}, "
                              f"{retrieval_k}, {encoder_layers}")
@@ -193,8 +196,10 @@ class RetroBackbone(nn.Module):
             inner.layers[n - 1] = RetroLayer(inner.layers[n - 1], ChunkedCrossAttention(d, heads, config.chunk),
                                              self._state, first=n == first)
         self.retriever = None
-        self.enabled = True
+        self.mode = "retrieve"  # | "off" (no neighbours, no CCA) | "random" (neighbours drawn at random: the control)
+        self._random: torch.Generator | None = None
         self._tried_config_db = False
+        self._warned = False
         try:
             import inspect
 
@@ -218,26 +223,38 @@ class RetroBackbone(nn.Module):
         return self.encoder(emb, hidden[:, : u * m].reshape(b, u, m, -1))
 
     def _retriever(self):
+        """The attached retriever, or the one the config names (opened and checked on first use)."""
         if self.retriever is None and not self._tried_config_db and self.config.retrieval_db:
             self._tried_config_db = True
-            if Path(self.config.retrieval_db).is_dir():
-                from rewarm.retro.retriever import Retriever
+            from rewarm.retro.database import RetrievalDB
+            from rewarm.retro.retriever import Retriever
 
-                self.retriever = Retriever(self.config.retrieval_db, self.config.retrieval_k, self.config.exclude_same_doc)
-            else:
-                log.warning("retrieval database %s (model config) not found: this RETRO model runs WITHOUT retrieval",
-                            self.config.retrieval_db)
+            c = self.config
+            if not Path(c.retrieval_db).is_dir():
+                from rewarm.errors import UserError
+
+                raise UserError(f"this RETRO model retrieves from {c.retrieval_db}, which does not exist. Restore or "
+                                f"rebuild it (`rewarm retrieval build`), or set `retrieval_db` in the model's "
+                                f"config.json to another database built from the same tokenizer.")
+            self.retriever = Retriever(check_database(RetrievalDB(c.retrieval_db), c), c.retrieval_k, c.exclude_same_doc)
+        if self.retriever is None and not self._warned:
+            self._warned = True
+            log.warning("this RETRO model has no retrieval database: it runs WITHOUT retrieval (its CCA layers idle)")
         return self.retriever
 
     def forward(self, input_ids=None, attention_mask=None, position_ids=None, inputs_embeds=None, use_cache=None,
                 cache=None, past_key_values=None, neighbours=None, **kwargs) -> BaseModelOutputWithPast:
         past = cache if cache is not None else past_key_values
-        if neighbours is None and self.enabled and input_ids is not None and input_ids.shape[1] >= self.config.chunk:
+        if neighbours is None and self.mode != "off" and input_ids is not None and input_ids.shape[1] >= self.config.chunk:
             retriever = self._retriever()
             if retriever is not None:
                 if past is not None and past.get_seq_length() > 0:
                     raise ValueError("a RETRO model with retrieval reads whole sequences: generate with use_cache=False")
-                neighbours = retriever(input_ids)
+                if self.mode == "random":
+                    b, t = input_ids.shape
+                    neighbours = retriever.random_neighbours((b, t // self.config.chunk), self._random).to(input_ids.device)
+                else:
+                    neighbours = retriever(input_ids, count=self.training)
         self._state.neighbours = neighbours if neighbours is not None and neighbours.shape[1] > 0 else None
         self._state.encoded = self._state.valid = None
         if self._state.neighbours is not None and attention_mask is not None and attention_mask.dim() == 2 \
@@ -314,20 +331,27 @@ class RetroForCausalLM(PreTrainedModel, GenerationMixin):
         self.backbone.retriever = retriever
         self.config.retrieval_db = str(Path(retriever.db.path).resolve())
         self.config.retrieval_k, self.config.exclude_same_doc = retriever.k, retriever.exclude_same_doc
+        self.config.retrieval_db_id, self.config.retrieval_tokenizer = retriever.db.identity, retriever.db.fingerprint
 
     @property
     def retriever(self):
         return self.backbone._retriever()
 
     @contextlib.contextmanager
-    def retrieval(self, enabled: bool):
-        """`with model.retrieval(False):` the same model without neighbours (no CCA at all)."""
-        before = self.backbone.enabled
-        self.backbone.enabled = enabled
+    def retrieval(self, mode: bool | str, seed: int = 0):
+        """`with model.retrieval(False):` the same model without neighbours (no CCA at all);
+        `retrieval("random")`: neighbours drawn uniformly from the database (seeded), the control that
+        separates what relevant text buys from what the CCA layers do with any text."""
+        mode = {True: "retrieve", False: "off"}.get(mode, mode)
+        if mode not in ("retrieve", "off", "random"):
+            raise ValueError(f"retrieval mode must be True, False or 'random', not {mode!r}")
+        before = self.backbone.mode
+        self.backbone.mode = mode
+        self.backbone._random = torch.Generator().manual_seed(seed) if mode == "random" else None
         try:
             yield self
         finally:
-            self.backbone.enabled = before
+            self.backbone.mode = before
 
     def apply_run_settings(self, cfg) -> None:
         """The run's `retrieval:` and `retrofit:` sections (seam called by the core at start)."""
@@ -349,7 +373,7 @@ class RetroForCausalLM(PreTrainedModel, GenerationMixin):
     @property
     def needs_full_sequence(self) -> bool:
         """True while retrieving: neighbours are found for whole chunks, so no KV cache."""
-        return self.backbone.enabled and self.retriever is not None
+        return self.backbone.mode != "off" and self.retriever is not None
 
     def generate(self, *args, **kwargs):
         if self.needs_full_sequence:
@@ -370,6 +394,23 @@ class RetroForCausalLM(PreTrainedModel, GenerationMixin):
             loss = self.loss_function(logits=logits, labels=labels, vocab_size=self.config.vocab_size, **kwargs)
         extra = {k: v for k, v in out.items() if k != "last_hidden_state"}
         return CausalLMOutputWithPast(loss=loss, logits=logits, **extra)
+
+
+def check_database(db, config: RetroConfig):
+    """A database a RETRO model may read: its chunk length, the tokenizer its ids come from, and
+    enough chunks for k neighbours (each refused with what to do)."""
+    from rewarm.errors import UserError
+
+    if db.chunk != config.chunk:
+        raise UserError(f"the retrieval database {db.path} has chunks of {db.chunk} tokens; this RETRO model reads "
+                        f"chunks of {config.chunk}. Build the database with --chunk {config.chunk}.")
+    if config.retrieval_tokenizer and db.fingerprint != config.retrieval_tokenizer:
+        raise UserError(f"the retrieval database {db.path} holds ids of another tokenizer (fingerprint {db.fingerprint}) "
+                        f"than this RETRO model was trained with ({config.retrieval_tokenizer}). Rebuild it from shards "
+                        f"prepared with the model's tokenizer.")
+    if config.retrieval_k > db.n:
+        raise UserError(f"this RETRO model asks for k = {config.retrieval_k} neighbours; {db.path} holds {db.n} chunks.")
+    return db
 
 
 def register() -> None:

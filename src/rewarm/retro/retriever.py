@@ -5,7 +5,10 @@ filtered out"): every chunk of a row is looked up in the database by the hash of
 documents of those found chunks (a training window is made of database chunks when seq_len is a
 multiple of the chunk length) are the row's documents, and a neighbour whose span [chunk,
 continuation] touches one of them is skipped — otherwise the model would learn to copy the very
-text it predicts. Held-out rows are not in the database, so nothing is excluded for them.
+text it predicts. As in RETRO the rule is per training sequence, so which neighbours a chunk may
+not use depends on the documents later in its window (during training only). Held-out rows are not
+in the database, so nothing is excluded for them. When every candidate is excluded (a database
+that is mostly the row's own documents) the neighbour is 2m EOS tokens, never the row's text.
 
 Results are cached per (chunk hash, row documents), so repeated windows (epochs, evaluation at
 every interval, generation that re-reads its prefix) query the index once. Deterministic: faiss
@@ -71,8 +74,17 @@ class Retriever:
         _, ids = self.db.index().search(keys, want)
         return np.asarray(ids, dtype=np.int64)
 
-    def __call__(self, input_ids: torch.Tensor) -> torch.Tensor:
-        """(B, T) ids → (B, T // m, k, 2m) neighbour ids (long, on input_ids' device)."""
+    def random_neighbours(self, shape: tuple[int, int], generator: torch.Generator) -> torch.Tensor:
+        """(B, U, k, 2m) neighbours drawn uniformly from the database: the control that tells what the
+        CCA layers gain from *relevant* text from what they gain from any text."""
+        b, u = shape
+        ids = torch.randint(0, self.db.n, (b, u, self.k), generator=generator).numpy()
+        return torch.from_numpy(self.db.neighbours(ids))
+
+    def __call__(self, input_ids: torch.Tensor, count: bool = True) -> torch.Tensor:
+        """(B, T) ids → (B, T // m, k, 2m) neighbour ids (long, on input_ids' device). `count`: add
+        this call to `stats` (training steps do; evaluation does not, so the logged rates are training's)."""
+        before = dict(self.stats)
         m, k = self.chunk, self.k
         b, t = input_ids.shape
         u = t // m
@@ -109,14 +121,13 @@ class Retriever:
                 cands = self._search(np.stack([ids[r, c] for r, c, _ in todo]), want)
             self.stats["search_seconds"] += time.perf_counter() - start
             for (r, c, docs), keep in zip(todo, chosen):
-                if len(keep) < k:  # the whole database is this row's documents: repeat what is left (or chunk 0)
-                    keep = (keep or [0]) * k
-                out[r, c] = keep[:k]
+                out[r, c] = (keep + [-1] * k)[:k]  # −1: nothing admissible left → an all-EOS neighbour
                 self._cache[(int(hashes[r, c]), docs)] = out[r, c].copy()
             while len(self._cache) > self._cache_size:
                 self._cache.popitem(last=False)
-        neighbours = self.db.neighbours(out)
-        return torch.from_numpy(neighbours.astype(np.int64)).to(input_ids.device)
+        if not count:
+            self.stats = before
+        return torch.from_numpy(self.db.neighbours(out)).to(input_ids.device)
 
     def take_stats(self) -> dict:
         s, self.stats = self.stats, {"queries": 0, "cache_hits": 0, "search_seconds": 0.0, "excluded": 0}

@@ -27,6 +27,7 @@ def _base_dict(cfg) -> dict:
 def retrofit(base_dir: str, out: str | Path, *, db: str | None = None, chunk: int | None = None, k: int = 2,
              cca_layers: list[int] | None = None, encoder_layers: int = 2, seed: int = 0,
              overwrite: bool = False) -> dict:
+    from rewarm import atomic
     from rewarm.model import load_pretrained, save_model
     from rewarm.retro.database import RetrievalDB
     from rewarm.retro.modeling import RetroConfig, RetroForCausalLM, RetroLayer, default_cca_layers
@@ -35,6 +36,16 @@ def retrofit(base_dir: str, out: str | Path, *, db: str | None = None, chunk: in
     out = Path(out)
     if out.exists() and not overwrite:
         raise UserError(f"{out} already exists. Choose another -o, or pass --overwrite.")
+    if out.exists() and Path(base_dir).exists() and out.resolve() == Path(base_dir).resolve():
+        raise UserError(f"-o {out} is the base model itself: write the RETRO model somewhere else.")
+    if out.exists() and not (out / "retrofit.json").is_file():
+        raise UserError(f"--overwrite would delete {out}, which is not a RETRO model `rewarm retrofit` wrote. "
+                        f"Choose another -o.")
+    if cca_layers is not None and not cca_layers:
+        raise UserError("--cca-layers names no layer: give 1-indexed layer numbers, e.g. 6,9,12.")
+    if k < 1:
+        raise UserError(f"--k must be at least 1, got {k}.")
+    atomic.remove_stale_temps(out.parent, f".{out.name}.tmp-*")
     base = load_pretrained(base_dir)
     if getattr(base.config, "model_type", None) not in ("gpt_neox", "llama"):
         raise UserError(f"`rewarm retrofit` adds RETRO layers to GPT-NeoX and Llama-family decoders; {base_dir} is "
@@ -47,6 +58,8 @@ def retrofit(base_dir: str, out: str | Path, *, db: str | None = None, chunk: in
         if chunk is not None and chunk != database.chunk:
             raise UserError(f"--chunk {chunk} but the database {db} has chunks of {database.chunk}. Drop --chunk.")
         chunk = database.chunk
+        if k > database.n:
+            raise UserError(f"--k {k} is more than the database's {database.n} chunks.")
     chunk = 64 if chunk is None else int(chunk)
     n_layers = base.config.num_hidden_layers
     layers = cca_layers if cca_layers else default_cca_layers(n_layers)
@@ -59,7 +72,9 @@ def retrofit(base_dir: str, out: str | Path, *, db: str | None = None, chunk: in
     try:
         config = RetroConfig(base=_base_dict(base.config), chunk=chunk, retrieval_k=k, cca_layers=sorted(layers),
                              encoder_layers=encoder_layers,
-                             retrieval_db=str(Path(db).resolve()) if db else None)
+                             retrieval_db=str(Path(db).resolve()) if db else None,
+                             retrieval_db_id=database.identity if database else None,
+                             retrieval_tokenizer=database.fingerprint if database else None)
     except ValueError as exc:
         raise UserError(f"cannot build the RETRO model: {exc}.") from None
     torch.manual_seed(seed)

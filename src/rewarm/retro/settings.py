@@ -27,13 +27,19 @@ def apply(model, cfg) -> None:
         raise UserError(f"`train.seq_len` ({cfg.train.seq_len}) must be a multiple of the database's chunk "
                         f"({db.chunk}): training windows are cut into whole chunks (and found in the database "
                         f"again for same-document exclusion).")
-    if r.k > db.n:
-        raise UserError(f"`retrieval.k` ({r.k}) is more than the database's {db.n} chunks.")
-    model.attach_retriever(Retriever(db, r.k, r.exclude_same_doc))
+    k = r.k or model.config.retrieval_k  # default: what `rewarm retrofit --k` chose
+    if k > db.n:
+        raise UserError(f"`retrieval.k` ({k}) is more than the database's {db.n} chunks.")
+    recorded = getattr(model.config, "retrieval_db_id", None)
+    if cfg.init == "resume" and recorded and db.identity != recorded:
+        raise UserError(f"the retrieval database {db.path} was rebuilt since this run's checkpoint was written (build "
+                        f"{db.identity}, the run used {recorded}): resuming would continue with other neighbours. "
+                        f"Restore the database, or start a new run from the checkpoint with `init: weights`.")
+    model.attach_retriever(Retriever(db, k, r.exclude_same_doc))
     trainable = {id(p) for m in model.backbone.retrieval_modules() for p in m.parameters()}
     for p in model.parameters():
         p.requires_grad_(not cfg.retrofit.freeze_base or id(p) in trainable)
     n_train = sum(p.numel() for p in model.parameters() if p.requires_grad)
     log.info("RETRO: database %s (%d chunks of %d, %s keys), k=%d, %s; training %s parameters (%s)", db.path, db.n,
-             db.chunk, db.keys["kind"], r.k, "same-document neighbours excluded" if r.exclude_same_doc else
+             db.chunk, db.keys["kind"], k, "same-document neighbours excluded" if r.exclude_same_doc else
              "no exclusion", f"{n_train:,}", "base frozen" if cfg.retrofit.freeze_base else "everything")
