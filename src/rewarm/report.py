@@ -150,9 +150,9 @@ def retrieval_table(runs: list[RunData]) -> tuple[list[str], list[list[str]]]:
             fmt = lambda x: f"{x:.4f}" if x is not None else "—"  # noqa: E731
             rows.append([r.name, name, fmt(first.get(name)), fmt(last[name]), fmt(rand), fmt(without),
                          f"{rand - last[name]:+.4f}" if rand is not None else "—",
-                         f"{rep['with']:.3f} / {rep['without']:.3f}" if rep else "—"])
+                         f"{rep['with']:.3f} / {rep.get('random', float('nan')):.3f} / {rep['without']:.3f}" if rep else "—"])
     return ["run", "eval set", "base (step 0)", "with retrieval", "random neighbours", "no neighbours",
-            "relevant − random", "rep-4 with / without"], rows
+            "relevant − random", "rep-4 with / random / none"], rows
 
 
 def replay_table(runs: list[RunData], up: str = "upstream", down: str = "downstream") -> tuple[list[str], list[list[str]]]:

@@ -6,8 +6,8 @@ At every eval of a RETRO model (`retrieval.compare`): the same held-out windows 
   loss with *any* text — a learned bias, extra capacity — and only the part beyond this control is
   what relevant neighbours buy),
 written as a `retrieval` event beside the `eval` event. At the last eval (`retrieval.repetition_prompts` > 0): the
-repeated-4-gram share of greedy continuations of held-out prompts with and without retrieval
-(rank 0). The last values also go into summary.json under `retrieval`.
+repeated-4-gram share of greedy continuations of held-out prompts with retrieval, with random
+neighbours and with none (rank 0). The last values also go into summary.json under `retrieval`.
 """
 from __future__ import annotations
 
@@ -60,7 +60,9 @@ def _run(st, metrics) -> None:
                 with_r = repetition(model, prompts, r.repetition_tokens)
                 with model.retrieval(False):
                     without_r = repetition(model, prompts, r.repetition_tokens)
-            event["repetition"] = {"with": with_r["rep_4"], "without": without_r["rep_4"],
+                with model.retrieval("random", seed=st.cfg.seed):
+                    random_r = repetition(model, prompts, r.repetition_tokens)
+            event["repetition"] = {"with": with_r["rep_4"], "without": without_r["rep_4"], "random": random_r["rep_4"],
                                    "prompts": with_r["prompts"], "new_tokens": r.repetition_tokens}
             summary["repetition"] = event["repetition"]
         d.barrier()
