@@ -146,6 +146,9 @@ def main() -> None:
     final = r["retro"]["summary"]["final"]
     print("| RETRO-fitted, with retrieval | " + " | ".join(f"{final[n]:.4f}" for n in names)
           + f" | {rep.get('with', float('nan')):.3f} |")
+    if "random" in rr[-1]:
+        print("| RETRO-fitted, random neighbours (control) | " + " | ".join(f"{rr[-1]['random'][n]:.4f}" for n in names)
+              + f" | {rep.get('random', float('nan')):.3f} |")
     print("| RETRO-fitted, without retrieval | " + " | ".join(f"{rr[-1]['without'][n]:.4f}" for n in names)
           + f" | {rep.get('without', float('nan')):.3f} |")
     dense = r["dense"]["summary"]["final"]
