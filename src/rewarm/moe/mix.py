@@ -18,10 +18,9 @@ import torch
 from rewarm.errors import UserError
 from rewarm.moe.families import family_of
 from rewarm.moe.modeling import UpcycledMoEConfig, UpcycledMoEForCausalLM
+from rewarm.wrapping import IGNORED_CONFIG_KEYS, base_config_dict
 
 MODES = ("bam", "btx")
-_IGNORED_CONFIG_KEYS = {"_name_or_path", "transformers_version", "dtype", "torch_dtype", "architectures",
-                        "_attn_implementation_autoset", "use_cache", "output_attentions", "output_hidden_states"}
 
 
 def _body(model: torch.nn.Module) -> torch.nn.Module:
@@ -33,10 +32,10 @@ def check_same_architecture(branches: list[tuple[str, torch.nn.Module]]) -> None
     field that changes the computation, or any parameter of another name or shape (named)."""
     ref_name, ref = branches[0]
     family_of(ref.config)
-    ref_cfg = {k: v for k, v in ref.config.to_dict().items() if k not in _IGNORED_CONFIG_KEYS}
+    ref_cfg = {k: v for k, v in ref.config.to_dict().items() if k not in IGNORED_CONFIG_KEYS}
     ref_shapes = {k: tuple(v.shape) for k, v in ref.state_dict().items()}
     for name, model in branches[1:]:
-        cfg = {k: v for k, v in model.config.to_dict().items() if k not in _IGNORED_CONFIG_KEYS}
+        cfg = {k: v for k, v in model.config.to_dict().items() if k not in IGNORED_CONFIG_KEYS}
         for key in sorted(set(ref_cfg) | set(cfg)):
             if ref_cfg.get(key) != cfg.get(key):
                 raise UserError(f"branch `{name}` is not the same architecture as `{ref_name}`: config field "
@@ -48,12 +47,6 @@ def check_same_architecture(branches: list[tuple[str, torch.nn.Module]]) -> None
                 raise UserError(f"branch `{name}` differs from `{ref_name}` in parameter `{key}`: shape "
                                 f"{shapes.get(key)} there, {ref_shapes.get(key)} in `{ref_name}`. Every branch "
                                 f"must be continued from the same seed model.")
-
-
-def _base_dict(cfg) -> dict:
-    out = {k: v for k, v in cfg.to_dict().items() if k not in _IGNORED_CONFIG_KEYS}
-    out["model_type"] = cfg.model_type
-    return out
 
 
 @torch.no_grad()
@@ -85,7 +78,7 @@ def mix(branches: list[tuple[str, torch.nn.Module]], *, mode: str = "bam", kv_sh
     family = family_of(ref.config)
     if not 1 <= top_k <= len(ffn_sources):
         raise UserError(f"upcycle.top_k must be between 1 and the number of FFN experts ({len(ffn_sources)}), got {top_k}")
-    config = UpcycledMoEConfig(base=_base_dict(ref.config), ffn_experts=len(ffn_sources),
+    config = UpcycledMoEConfig(base=base_config_dict(ref.config), ffn_experts=len(ffn_sources),
                                attention_experts=len(models) if mode == "bam" else 0, kv_sharing=kv_sharing,
                                num_experts_per_tok=top_k, expert_names=[n for n, _ in everyone], router_init_std=router_init_std)
     torch.manual_seed(init_seed)  # the routers' initialisation is part of the recipe: the same every time

@@ -20,6 +20,7 @@ from transformers.modeling_outputs import BaseModelOutputWithPast, CausalLMOutpu
 from rewarm.moe.attention import MixtureOfAttention
 from rewarm.moe.families import family_of
 from rewarm.moe.routing import TopKMoE
+from rewarm.wrapping import InnerEmbeddings, build_base_config, cache_argument, top_level_kwargs
 
 MODEL_TYPE = "rewarm_moe"
 SCOPES = ("micro_batch", "global_batch")
@@ -45,23 +46,14 @@ class UpcycledMoEConfig(PretrainedConfig):
                              f"got {self.num_experts_per_tok}")
         if lbl_scope not in SCOPES:
             raise ValueError(f"lbl_scope must be one of {', '.join(SCOPES)}, not {lbl_scope!r}")
-        # what generation and the cache read from the top-level config
-        for key in ("vocab_size", "hidden_size", "num_hidden_layers", "num_attention_heads", "max_position_embeddings"):
-            if key in self.base:
-                kwargs.setdefault(key, self.base[key])
-        for key in ("bos_token_id", "eos_token_id", "pad_token_id"):
-            if self.base.get(key) is not None:
-                kwargs.setdefault(key, self.base[key])
-        kwargs.setdefault("tie_word_embeddings", self.base.get("tie_word_embeddings", False))
-        super().__init__(**kwargs)
+        super().__init__(**top_level_kwargs(self.base, kwargs))
 
     @property
     def mode(self) -> str:
         return "bam" if self.attention_experts else "btx"
 
     def base_config(self) -> PretrainedConfig:
-        fields = dict(self.base)
-        return AutoConfig.for_model(fields.pop("model_type"), **fields)
+        return build_base_config(self.base)
 
 
 @dataclass
@@ -96,12 +88,7 @@ class MoEBackbone(nn.Module):
                     kv_heads=kv_heads, head_dim=head_dim, hidden_size=base.hidden_size,
                     qkv_bias=parts.q_bias is not None, o_bias=parts.o_bias is not None, kv_shared=config.kv_sharing))
         self.apply_settings(config)
-        try:
-            import inspect
-
-            self._cache_arg = "cache" if "cache" in inspect.signature(inner.forward).parameters else "past_key_values"
-        except (TypeError, ValueError):
-            self._cache_arg = "past_key_values"
+        self._cache_arg = cache_argument(inner)
 
     @property
     def layers(self) -> nn.ModuleList:
@@ -135,7 +122,7 @@ class MoEBackbone(nn.Module):
         return aux
 
 
-class UpcycledMoEForCausalLM(PreTrainedModel, GenerationMixin):
+class UpcycledMoEForCausalLM(InnerEmbeddings, PreTrainedModel, GenerationMixin):
     config_class = UpcycledMoEConfig
     base_model_prefix = "backbone"
     _supports_sdpa = True
@@ -160,18 +147,6 @@ class UpcycledMoEForCausalLM(PreTrainedModel, GenerationMixin):
             nn.init.normal_(module.router.weight, std=std)
         if isinstance(module, MixtureOfAttention):
             nn.init.normal_(module.o_weight, std=0.02)
-
-    def get_input_embeddings(self):
-        return self.backbone.inner.get_input_embeddings()
-
-    def set_input_embeddings(self, value):
-        self.backbone.inner.set_input_embeddings(value)
-
-    def get_output_embeddings(self):
-        return self.lm_head
-
-    def set_output_embeddings(self, value):
-        self.lm_head = value
 
     def moe_layers(self) -> list[TopKMoE]:
         return self.backbone.moe_layers()

@@ -147,7 +147,6 @@ def build(shards_dir: str | Path, out: str | Path, *, chunk: int = 64, embed: st
         raise UserError(f"the shards' tokenizer ({shards.tokenizer_path}) has no EOS token: documents cannot be told apart.")
     embedder = None
     if embed:
-        from rewarm.model import load_config
         from rewarm.retro.embed import ChunkEmbedder
         from rewarm.tokenizer import fingerprint
 
@@ -155,7 +154,6 @@ def build(shards_dir: str | Path, out: str | Path, *, chunk: int = 64, embed: st
         if fingerprint(key_tok) != shards.fingerprint:
             raise UserError(f"--embed {embed} uses another tokenizer than {shards_dir} (fingerprints "
                             f"{fingerprint(key_tok)} vs {shards.fingerprint}): the key model must read the shards' ids.")
-        load_config(embed)
         embedder = ChunkEmbedder(embed, layer)
     kind = index if index != "auto" else ("flat" if n <= IVF_ABOVE else "ivfpq")
     if kind == "ivfpq" and n < IVF_MIN:

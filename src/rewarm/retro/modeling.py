@@ -34,6 +34,8 @@ from torch import nn
 from transformers import AutoConfig, AutoModelForCausalLM, GenerationMixin, PretrainedConfig, PreTrainedModel
 from transformers.modeling_outputs import BaseModelOutputWithPast, CausalLMOutputWithPast
 
+from rewarm.wrapping import InnerEmbeddings, build_base_config, cache_argument, top_level_kwargs
+
 log = logging.getLogger(__name__)
 
 MODEL_TYPE = "rewarm_retro"
@@ -59,18 +61,10 @@ class RetroConfig(PretrainedConfig):
                              f"{retrieval_k}, {encoder_layers}")
         if n and (not self.cca_layers or any(not 1 <= x <= n for x in self.cca_layers)):
             raise ValueError(f"cca_layers must be decoder layers 1..{n} (1-indexed), got {self.cca_layers}")
-        for key in ("vocab_size", "hidden_size", "num_hidden_layers", "num_attention_heads", "max_position_embeddings"):
-            if key in self.base:
-                kwargs.setdefault(key, self.base[key])
-        for key in ("bos_token_id", "eos_token_id", "pad_token_id"):
-            if self.base.get(key) is not None:
-                kwargs.setdefault(key, self.base[key])
-        kwargs.setdefault("tie_word_embeddings", self.base.get("tie_word_embeddings", False))
-        super().__init__(**kwargs)
+        super().__init__(**top_level_kwargs(self.base, kwargs))
 
     def base_config(self) -> PretrainedConfig:
-        fields = dict(self.base)
-        return AutoConfig.for_model(fields.pop("model_type"), **fields)
+        return build_base_config(self.base)
 
 
 def default_cca_layers(n_layers: int, start: int = 6, every: int = 3) -> list[int]:
@@ -200,12 +194,7 @@ class RetroBackbone(nn.Module):
         self._random: torch.Generator | None = None
         self._tried_config_db = False
         self._warned = False
-        try:
-            import inspect
-
-            self._cache_arg = "cache" if "cache" in inspect.signature(inner.forward).parameters else "past_key_values"
-        except (TypeError, ValueError):
-            self._cache_arg = "past_key_values"
+        self._cache_arg = cache_argument(inner)
 
     @property
     def layers(self) -> nn.ModuleList:
@@ -271,7 +260,7 @@ class RetroBackbone(nn.Module):
         return out
 
 
-class RetroForCausalLM(PreTrainedModel, GenerationMixin):
+class RetroForCausalLM(InnerEmbeddings, PreTrainedModel, GenerationMixin):
     config_class = RetroConfig
     base_model_prefix = "backbone"
     _supports_sdpa = True
@@ -308,26 +297,9 @@ class RetroForCausalLM(PreTrainedModel, GenerationMixin):
             nn.init.ones_(module.weight)
             nn.init.zeros_(module.bias)
 
-    def get_input_embeddings(self):
-        return self.backbone.inner.get_input_embeddings()
-
-    def set_input_embeddings(self, value):
-        self.backbone.inner.set_input_embeddings(value)
-
-    def get_output_embeddings(self):
-        return self.lm_head
-
-    def set_output_embeddings(self, value):
-        self.lm_head = value
-
     # ---- retrieval at run time
     def attach_retriever(self, retriever) -> None:
-        if retriever.chunk != self.config.chunk:
-            from rewarm.errors import UserError
-
-            raise UserError(f"the retrieval database {retriever.db.path} has chunks of {retriever.chunk} tokens; this "
-                            f"RETRO model reads chunks of {self.config.chunk}. Build the database with --chunk "
-                            f"{self.config.chunk}.")
+        check_database(retriever.db, self.config, retriever.k)
         self.backbone.retriever = retriever
         self.config.retrieval_db = str(Path(retriever.db.path).resolve())
         self.config.retrieval_k, self.config.exclude_same_doc = retriever.k, retriever.exclude_same_doc
@@ -396,9 +368,9 @@ class RetroForCausalLM(PreTrainedModel, GenerationMixin):
         return CausalLMOutputWithPast(loss=loss, logits=logits, **extra)
 
 
-def check_database(db, config: RetroConfig):
+def check_database(db, config: RetroConfig, k: int | None = None):
     """A database a RETRO model may read: its chunk length, the tokenizer its ids come from, and
-    enough chunks for k neighbours (each refused with what to do)."""
+    enough chunks for k neighbours (default: the model's k; each refused with what to do)."""
     from rewarm.errors import UserError
 
     if db.chunk != config.chunk:
@@ -408,8 +380,9 @@ def check_database(db, config: RetroConfig):
         raise UserError(f"the retrieval database {db.path} holds ids of another tokenizer (fingerprint {db.fingerprint}) "
                         f"than this RETRO model was trained with ({config.retrieval_tokenizer}). Rebuild it from shards "
                         f"prepared with the model's tokenizer.")
-    if config.retrieval_k > db.n:
-        raise UserError(f"this RETRO model asks for k = {config.retrieval_k} neighbours; {db.path} holds {db.n} chunks.")
+    k = config.retrieval_k if k is None else k
+    if k > db.n:
+        raise UserError(f"k = {k} neighbours asked for; {db.path} holds {db.n} chunks.")
     return db
 
 

@@ -84,7 +84,7 @@ class Retriever:
     def __call__(self, input_ids: torch.Tensor, count: bool = True) -> torch.Tensor:
         """(B, T) ids → (B, T // m, k, 2m) neighbour ids (long, on input_ids' device). `count`: add
         this call to `stats` (training steps do; evaluation does not, so the logged rates are training's)."""
-        before = dict(self.stats)
+        stats = self.stats if count else dict.fromkeys(self.stats, 0)
         m, k = self.chunk, self.k
         b, t = input_ids.shape
         u = t // m
@@ -97,10 +97,10 @@ class Retriever:
             for c in range(u):
                 key = (int(hashes[r, c]), docs)
                 hit = self._cache.get(key)
-                self.stats["queries"] += 1
+                stats["queries"] += 1
                 if hit is not None:
                     self._cache.move_to_end(key)
-                    self.stats["cache_hits"] += 1
+                    stats["cache_hits"] += 1
                     out[r, c] = hit
                 else:
                     todo.append((r, c, docs))
@@ -112,21 +112,19 @@ class Retriever:
                 chosen, short = [], []
                 for (r, c, docs), row in zip(todo, cands):
                     keep = [j for j in row if j >= 0 and not _touches(self.db.docs[j], docs)]
-                    self.stats["excluded"] += len(row) - len(keep)
+                    stats["excluded"] += len(row) - len(keep)
                     chosen.append(keep[:k])
                     short.append(len(keep) < k)
                 if not any(short) or want >= self.db.n:
                     break
                 want = min(self.db.n, want * 4)  # a long document hid most candidates: look further
                 cands = self._search(np.stack([ids[r, c] for r, c, _ in todo]), want)
-            self.stats["search_seconds"] += time.perf_counter() - start
+            stats["search_seconds"] += time.perf_counter() - start
             for (r, c, docs), keep in zip(todo, chosen):
                 out[r, c] = (keep + [-1] * k)[:k]  # −1: nothing admissible left → an all-EOS neighbour
                 self._cache[(int(hashes[r, c]), docs)] = out[r, c].copy()
             while len(self._cache) > self._cache_size:
                 self._cache.popitem(last=False)
-        if not count:
-            self.stats = before
         return torch.from_numpy(self.db.neighbours(out)).to(input_ids.device)
 
     def take_stats(self) -> dict:

@@ -14,15 +14,6 @@ import torch
 
 from rewarm.errors import UserError
 
-_IGNORED_CONFIG_KEYS = {"_name_or_path", "transformers_version", "dtype", "torch_dtype", "architectures",
-                        "_attn_implementation_autoset", "use_cache", "output_attentions", "output_hidden_states"}
-
-
-def _base_dict(cfg) -> dict:
-    out = {k: v for k, v in cfg.to_dict().items() if k not in _IGNORED_CONFIG_KEYS}
-    out["model_type"] = cfg.model_type
-    return out
-
 
 def retrofit(base_dir: str, out: str | Path, *, db: str | None = None, chunk: int | None = None, k: int = 2,
              cca_layers: list[int] | None = None, encoder_layers: int = 2, seed: int = 0,
@@ -32,6 +23,7 @@ def retrofit(base_dir: str, out: str | Path, *, db: str | None = None, chunk: in
     from rewarm.retro.database import RetrievalDB
     from rewarm.retro.modeling import RetroConfig, RetroForCausalLM, RetroLayer, default_cca_layers
     from rewarm.tokenizer import fingerprint, load_tokenizer
+    from rewarm.wrapping import base_config_dict
 
     out = Path(out)
     if out.exists() and not overwrite:
@@ -70,7 +62,7 @@ def retrofit(base_dir: str, out: str | Path, *, db: str | None = None, chunk: in
         raise UserError(f"chunks of {chunk} need sequences of at least {2 * chunk} tokens; the base model has "
                         f"{max_pos} positions. Use a smaller --chunk.")
     try:
-        config = RetroConfig(base=_base_dict(base.config), chunk=chunk, retrieval_k=k, cca_layers=sorted(layers),
+        config = RetroConfig(base=base_config_dict(base.config), chunk=chunk, retrieval_k=k, cca_layers=sorted(layers),
                              encoder_layers=encoder_layers,
                              retrieval_db=str(Path(db).resolve()) if db else None,
                              retrieval_db_id=database.identity if database else None,

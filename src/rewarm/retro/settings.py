@@ -27,9 +27,7 @@ def apply(model, cfg) -> None:
         raise UserError(f"`train.seq_len` ({cfg.train.seq_len}) must be a multiple of the database's chunk "
                         f"({db.chunk}): training windows are cut into whole chunks (and found in the database "
                         f"again for same-document exclusion).")
-    k = r.k or model.config.retrieval_k  # default: what `rewarm retrofit --k` chose
-    if k > db.n:
-        raise UserError(f"`retrieval.k` ({k}) is more than the database's {db.n} chunks.")
+    k = r.k or model.config.retrieval_k  # default: what `rewarm retrofit --k` chose (checked at attach)
     recorded = getattr(model.config, "retrieval_db_id", None)
     if cfg.init == "resume" and recorded and db.identity != recorded:
         raise UserError(f"the retrieval database {db.path} was rebuilt since this run's checkpoint was written (build "
